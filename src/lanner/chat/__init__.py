@@ -1,0 +1,1 @@
+"""Chat: prompt formats and conversations."""

@@ -1,0 +1,128 @@
+"""A conversation with one model, every turn logged to the Store with provenance."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from typing import Any
+
+from lanner.engine.model import Model
+from lanner.engine.types import Event, Finish, Request, TextDelta
+from lanner.store import Store, Turn
+
+
+class ChatSession:
+    """Holds the message history; ``send`` streams one answer and logs it.
+
+    A turn cut short (Ctrl-C, a closed stream) is still logged, with finish
+    reason "cancelled", and its partial answer stays in the history.
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        store: Store | None,
+        *,
+        system: str | None = None,
+        conversation_id: str | None = None,
+        messages: list[dict[str, Any]] | None = None,
+        options: dict[str, Any] | None = None,
+    ) -> None:
+        self.model = model
+        self.store = store
+        self.system = system
+        self.options = dict(options or {})
+        self.messages: list[dict[str, Any]] = list(messages or self._start())
+        self.conversation_id = conversation_id or self._new_conversation()
+
+    @classmethod
+    def resume(
+        cls, model: Model, store: Store, conversation_id: str, **kwargs: Any
+    ) -> ChatSession:
+        messages = store.conversation_messages(conversation_id)
+        system = next((m["content"] for m in messages if m["role"] == "system"), None)
+        return cls(model, store, system=system, conversation_id=conversation_id,
+                   messages=messages, **kwargs)
+
+    def reset(self) -> None:
+        """Forget the history (the log keeps it) and start a new conversation."""
+        self.messages = self._start()
+        self.conversation_id = self._new_conversation()
+
+    def send(self, text: str, **options: Any) -> Iterator[Event]:
+        messages = [*self.messages, {"role": "user", "content": text}]
+        request = self.model.chat_request(messages, **{**self.options, **options})
+        parts: list[str] = []
+        yield from self._run(request, parts, text, messages)
+        self.messages = [*messages, {"role": "assistant", "content": "".join(parts)}]
+
+    def complete(self, prompt: str, **options: Any) -> Iterator[Event]:
+        """A raw completion (no chat template), logged like a turn."""
+        request = self.model.completion_request(prompt, **{**self.options, **options})
+        yield from self._run(request, [], prompt, [], raw=True)
+
+    def _run(
+        self, request: Request, parts: list[str], text: str,
+        messages: list[dict[str, Any]], raw: bool = False,
+    ) -> Iterator[Event]:
+        start = time.perf_counter()
+        first: float | None = None
+        finish: Finish | None = None
+        n_tokens = 0
+        events = self.model.backend.stream(request)
+        try:
+            for event in events:
+                if isinstance(event, TextDelta):
+                    first = first or time.perf_counter() - start
+                    parts.append(event.text)
+                    n_tokens += len(event.tokens)
+                else:
+                    finish = event
+                yield event
+        finally:
+            events.close()  # type: ignore[attr-defined]
+            if finish is None:  # cut short: keep what was said so far
+                self.messages = [*messages, {"role": "assistant", "content": "".join(parts)}]
+            self._log(request, text, "".join(parts), messages, finish, raw,
+                      n_tokens, first or 0.0, time.perf_counter() - start)
+
+    def _log(
+        self, request: Request, prompt: str, response: str, messages: list[dict[str, Any]],
+        finish: Finish | None, raw: bool, n_tokens: int, ttft: float, total: float,
+    ) -> None:
+        if self.store is None:
+            return
+        fmt = None if raw else self.model.chat_format
+        spec, backend = self.model.spec, self.model.backend
+        self.store.log(Turn(
+            id=None,
+            conversation_id=self.conversation_id,
+            model=spec.name,
+            model_path=str(spec.path),
+            model_sha256=self.store.file_sha256(spec.path) if spec.path.exists() else "",
+            backend=backend.name,
+            backend_version=backend.version,
+            chat_format=fmt.name if fmt else "none (raw prompt)",
+            chat_format_hash=fmt.template_hash if fmt else "",
+            system=self.system,
+            prompt=prompt,
+            response=response,
+            messages=messages,
+            sampling=request.sampling(),
+            seed=request.seed,
+            prompt_tokens=finish.usage.prompt_tokens if finish else len(request.prompt),
+            completion_tokens=finish.usage.completion_tokens if finish else n_tokens,
+            finish_reason=finish.reason if finish else "cancelled",
+            ttft_s=finish.timings.ttft_s if finish else ttft,
+            total_s=finish.timings.total_s if finish else total,
+            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        ))
+
+    def _start(self) -> list[dict[str, Any]]:
+        return [{"role": "system", "content": self.system}] if self.system else []
+
+    def _new_conversation(self) -> str:
+        if self.store is None:
+            return ""
+        return self.store.new_conversation(self.model.name)

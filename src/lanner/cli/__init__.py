@@ -1,0 +1,53 @@
+"""``lanner``: one thin module per verb. Each module exposes ``register(sub)``
+and ``run(args) -> int``; this module only parses and maps errors to exits."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from lanner import __version__
+from lanner.errors import LannerError
+
+VERBS = ("run", "chat", "models", "chat_format", "logs")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lanner",
+        description="Run open-weight language models on your own hardware.",
+    )
+    parser.add_argument("--version", action="version", version=f"lanner {__version__}")
+    parser.add_argument(
+        "--home", default=None,
+        help="data folder for logs and caches (default: $LANNER_HOME or the user data dir)",
+    )
+    sub = parser.add_subparsers(dest="verb", metavar="COMMAND")
+    for verb in VERBS:
+        importlib.import_module(f"lanner.cli.{verb}").register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        code: int = args.func(args)
+        return code
+    except LannerError as exc:
+        print(f"lanner: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""``lanner chat [MODEL]``: an interactive, multi-turn conversation.
+
+Ctrl-C while the model answers stops that answer, not the program; Ctrl-D or
+/exit leaves. Every turn is logged; ``--continue`` resumes the last conversation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from lanner.chat.session import ChatSession
+from lanner.cli import options, render
+from lanner.errors import InvalidRequest, LannerError
+
+HELP = """Commands:
+  /reset        forget the conversation and start a new one (the log keeps it)
+  /save [FILE]  save the conversation as JSON (default: conversation-<id>.json)
+  /help         this text
+  /exit         leave (or Ctrl-D)"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("chat", help="chat with a model interactively")
+    p.add_argument("model", nargs="?", help="model name or path (default: smollm2)")
+    p.add_argument("-s", "--system", help="system prompt")
+    p.add_argument("-c", "--continue", dest="resume", action="store_true",
+                   help="resume the last conversation")
+    p.add_argument("--conversation", help="resume this conversation id")
+    options.add_model_flags(p)
+    options.add_sampling_flags(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    sampling = options.sampling_options(args)
+    store = options.open_store(args)
+    model = options.load_model(args, args.model)
+    session = _session(args, model, store, sampling)
+    print(f"Chatting with {model.name} ({model.backend.name}). /help for commands, "
+          "Ctrl-D to leave.", file=sys.stderr)
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            continue
+        if not line.strip():
+            continue
+        if line.startswith("/"):
+            if _command(line, session) == "exit":
+                return 0
+            continue
+        _answer(session, line, show_probs=args.show_probs is not None)
+
+
+def _session(args: argparse.Namespace, model: Any, store: Any,
+             sampling: dict[str, Any]) -> ChatSession:
+    conversation = args.conversation
+    if args.resume and not conversation:
+        if store is None:
+            raise InvalidRequest("--continue", "cannot resume with --no-log")
+        conversation = store.last_conversation_id()
+        if conversation is None:
+            raise InvalidRequest("--continue", "there is no earlier conversation to resume")
+    if conversation:
+        session = ChatSession.resume(model, store, conversation, options=sampling)
+        print(f"Resuming conversation {conversation} "
+              f"({sum(m['role'] == 'user' for m in session.messages)} turns).", file=sys.stderr)
+        return session
+    return ChatSession(model, store, system=args.system, options=sampling)
+
+
+def _answer(session: ChatSession, line: str, show_probs: bool) -> None:
+    events = session.send(line)
+    try:
+        if show_probs:
+            render.stream_probs(events)
+        else:
+            render.stream_text(events)
+    except KeyboardInterrupt:
+        events.close()  # frees the model's slot; the partial turn is logged
+        print("\n[stopped]", file=sys.stderr)
+        return
+    except LannerError as exc:
+        print(f"lanner: error: {exc}", file=sys.stderr)
+        return
+    print()
+
+
+def _command(line: str, session: ChatSession) -> str | None:
+    name, _, arg = line.strip().partition(" ")
+    if name in ("/exit", "/quit", "/bye"):
+        return "exit"
+    if name == "/reset":
+        session.reset()
+        print("Conversation reset.", file=sys.stderr)
+    elif name == "/save":
+        _save(session, arg.strip())
+    elif name == "/help":
+        print(HELP, file=sys.stderr)
+    else:
+        print(f"unknown command {name}; /help lists them", file=sys.stderr)
+    return None
+
+
+def _save(session: ChatSession, where: str) -> None:
+    path = Path(where or f"conversation-{session.conversation_id or 'unsaved'}.json")
+    if path.exists():
+        print(f"lanner: error: {path} exists; not overwriting it", file=sys.stderr)
+        return
+    data = {"model": session.model.name, "conversation_id": session.conversation_id,
+            "messages": session.messages}
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    print(f"Saved {len(session.messages)} messages to {path}", file=sys.stderr)

