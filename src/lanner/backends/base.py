@@ -7,7 +7,7 @@ the request held. Everything else is built on these few methods.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -45,7 +45,7 @@ class Backend(Protocol):
 
     def detokenize(self, ids: Sequence[int]) -> str: ...
 
-    def stream(self, request: Request) -> Iterator[Event]: ...
+    def stream(self, request: Request) -> Generator[Event, None, None]: ...
 
     def loglikelihood(self, context: str, continuation: str) -> tuple[float, bool]:
         """lm-evaluation-harness contract: sum of log P(continuation | context)

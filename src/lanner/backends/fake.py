@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 
 from lanner.backends.base import ModelMetadata
 from lanner.engine.textstream import StopBuffer
@@ -73,7 +73,7 @@ class FakeBackend:
         self._turn += 1
         return reply
 
-    def stream(self, request: Request) -> Iterator[Event]:
+    def stream(self, request: Request) -> Generator[Event, None, None]:
         self.requests.append(request)
         start = time.perf_counter()
         prompt_ids = (

@@ -81,7 +81,7 @@ class ChatSession:
                     finish = event
                 yield event
         finally:
-            events.close()  # type: ignore[attr-defined]
+            events.close()
             if finish is None:  # cut short: keep what was said so far
                 self.messages = [*messages, {"role": "assistant", "content": "".join(parts)}]
             self._log(request, text, "".join(parts), messages, finish, raw,

@@ -1,0 +1,441 @@
+"""Run Hugging Face causal LMs with PyTorch: a safetensors folder, or a GGUF file
+dequantised once into a cached safetensors folder (see ``gguf_convert``).
+
+Generation follows gpt-fast: ``_prefill`` the prompt into a KV cache, then
+``_decode_one_token`` per step with explicit positions; the token choice is
+``hf_sampling``. Model calls run under ``torch.inference_mode`` one call at a
+time, never across a ``yield``, so the caller's code never runs in that mode.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Callable, Generator, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+from lanner.backends import hf_sampling
+from lanner.backends.base import ModelMetadata
+from lanner.backends.gguf_convert import converted_folder, read_manifest
+from lanner.engine.textstream import StopBuffer
+from lanner.engine.types import (
+    Event,
+    Finish,
+    FinishReason,
+    Request,
+    TextDelta,
+    Timings,
+    Token,
+    TopLogprob,
+    Usage,
+)
+from lanner.errors import ContextLengthExceeded, InvalidRequest, ModelLoadError, ModelNotFound
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_MAX_DEFAULT_CTX = 8192
+_FALLBACK_CTX = 2048  # configs that name no context length (rare; old GPT-style models)
+_DETOK_CONTEXT = 5  # prompt ids decoded before the first new id, for its leading space
+
+
+class TransformersBackend:
+    """A loaded Hugging Face model. ``path`` is a model folder or a ``.gguf`` file.
+
+    ``dtype``: "float32" | "bfloat16" | "float16" | "auto" (float32 on CPU,
+    bfloat16 on CUDA). ``device``: "auto" (CUDA if available) or a torch device
+    string. ``n_ctx`` defaults to the model's trained context, at most 8192.
+    ``cache_dir`` is where GGUF conversions live (default ``<home>/converted``).
+    Raises ``ModelNotFound`` for a missing path, ``ModelLoadError`` for one that
+    cannot be loaded, ``InvalidRequest`` for a bad dtype/device/n_ctx.
+    """
+
+    name = "transformers"
+    version = transformers.__version__
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        dtype: str = "auto",
+        device: str = "auto",
+        n_ctx: int | None = None,
+        cache_dir: Path | None = None,
+    ) -> None:
+        path = Path(path).expanduser()
+        self.device = _resolve_device(device)
+        self.dtype = _resolve_dtype(dtype, self.device)
+        _check_n_ctx(n_ctx)
+        self.folder = _model_folder(path, cache_dir)
+        self.model, self.tokenizer = _load(self.folder, self.dtype, self.device)
+        config = self.model.config.get_text_config()
+        n_ctx_train = _trained_context(config)
+        self.n_ctx = n_ctx if n_ctx is not None else min(n_ctx_train, _MAX_DEFAULT_CTX)
+        self.metadata = self._metadata(config.model_type, n_ctx_train)
+        self._eos_ids = _eos_ids(self.model, self.tokenizer)
+        self._bos_id: int | None = self.tokenizer.bos_token_id
+        self._adds_bos = self._bos_id is not None and _adds_bos(self.tokenizer, self._bos_id)
+        self._vocab_size = int(self.model.get_input_embeddings().num_embeddings)
+        self._cache_kwarg = _cache_kwarg(self.model)
+        self._keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+
+    def _metadata(self, architecture: str, n_ctx_train: int) -> ModelMetadata:
+        template = self.tokenizer.chat_template
+        if isinstance(template, dict):  # several named templates: the default one
+            template = template.get("default")
+        extra: dict[str, object] = {
+            "path": str(self.folder), "dtype": str(self.dtype).removeprefix("torch."),
+            "device": str(self.device),
+        }
+        manifest = read_manifest(self.folder)
+        if manifest:
+            extra["converted_from"] = manifest.get("source")
+            extra["gguf_sha256"] = manifest.get("sha256")
+        return ModelMetadata(
+            architecture=architecture, chat_template=template,
+            bos_token=self.tokenizer.bos_token, eos_token=self.tokenizer.eos_token,
+            n_ctx_train=n_ctx_train, extra=extra,
+        )
+
+    # -- text <-> ids ------------------------------------------------------
+
+    def tokenize(self, text: str, *, add_bos: bool = True, special: bool = False) -> list[int]:
+        """Token ids of ``text``; BOS only if ``add_bos`` and the model's tokenizer
+        adds one; special-token text is parsed only if ``special``."""
+        ids: list[int] = self.tokenizer.encode(
+            text, add_special_tokens=False, split_special_tokens=not special
+        )
+        if add_bos and self._adds_bos and self._bos_id is not None:
+            return [self._bos_id, *ids]
+        return ids
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        """Text of ``ids``, special tokens written out."""
+        text: str = self.tokenizer.decode(
+            list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False
+        )
+        return text
+
+    # -- generation --------------------------------------------------------
+
+    def stream(self, request: Request) -> Generator[Event, None, None]:
+        """Generate for ``request``. The prompt is checked now (``InvalidRequest``,
+        ``ContextLengthExceeded``); tokens come as the returned iterator is read."""
+        prompt_ids = self._prompt_ids(request.prompt)
+        room = self.n_ctx - len(prompt_ids)
+        if room < 1:
+            raise ContextLengthExceeded(len(prompt_ids), self.n_ctx)
+        limit = room if request.max_tokens is None else min(room, request.max_tokens)
+        return self._generate(request, prompt_ids, limit)
+
+    def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenize(prompt, add_bos=True, special=False)
+        else:
+            ids = list(prompt)
+            bad = next((i for i in ids if i >= self._vocab_size), None)
+            if bad is not None:
+                raise InvalidRequest(
+                    "prompt", f"token id {bad} is outside the vocabulary (size {self._vocab_size})"
+                )
+        if not ids:
+            raise InvalidRequest("prompt", "tokenizes to no tokens")
+        return ids
+
+    def _generate(
+        self, request: Request, prompt_ids: list[int], limit: int
+    ) -> Generator[Event, None, None]:
+        start = time.perf_counter()
+        state = _Decoding.start(request, prompt_ids, limit, self.device)
+        detok = IncrementalDetokenizer(self.detokenize, prompt_ids[-_DETOK_CONTEXT:])
+        stops = StopBuffer(request.stop)
+        reason: FinishReason = "length"
+        ttft, n = 0.0, 0
+        cache = self._new_cache()
+        try:
+            logits = self._prefill(prompt_ids, cache)
+            while True:
+                token_id, logprob, top = self._choose(logits, state)
+                ttft = ttft or time.perf_counter() - start
+                if token_id in self._eos_ids:
+                    reason = "stop"
+                    break
+                n += 1
+                state.append(token_id)
+                token = self._token(token_id, detok.push(token_id), logprob, top)
+                if delta := stops.push(token.text, token):
+                    yield delta
+                if stops.hit:
+                    reason = "stop"
+                    break
+                if n >= limit:
+                    break
+                logits = self._decode_one_token(token_id, len(prompt_ids) + n - 1, cache)
+        finally:
+            # Free the KV cache as soon as the request ends, also when the
+            # consumer closes the stream early.
+            del cache
+        yield from _drain(stops, detok.flush())
+        usage = Usage(prompt_tokens=len(prompt_ids), completion_tokens=n)
+        yield Finish(reason, usage, Timings(ttft, time.perf_counter() - start))
+
+    def _new_cache(self) -> DynamicCache:
+        return DynamicCache(config=self.model.config)
+
+    def _forward(self, ids: torch.Tensor, start: int, cache: DynamicCache | None) -> torch.Tensor:
+        """Logits (T', V) of ``ids`` (1, T) at positions ``start..start+T-1``; with a
+        cache, only the last position's logits (T' = 1) are computed."""
+        positions = torch.arange(start, start + ids.shape[1], device=self.device)[None]  # (1, T)
+        kwargs: dict[str, Any] = {self._cache_kwarg: cache, "use_cache": cache is not None}
+        if cache is not None and self._keeps_logits:
+            kwargs["logits_to_keep"] = 1
+        out = self.model(input_ids=ids, position_ids=positions, **kwargs)
+        return out.logits[0]
+
+    @torch.inference_mode()
+    def _prefill(self, prompt_ids: list[int], cache: DynamicCache) -> torch.Tensor:
+        """Fill ``cache`` with the prompt; float32 logits (V,) for the next token."""
+        ids = torch.tensor([prompt_ids], device=self.device)  # (1, T)
+        return self._forward(ids, 0, cache)[-1].float()
+
+    @torch.inference_mode()
+    def _decode_one_token(self, token_id: int, position: int, cache: DynamicCache) -> torch.Tensor:
+        """Feed one token at ``position``; float32 logits (V,) for the next one."""
+        ids = torch.tensor([[token_id]], device=self.device)  # (1, 1)
+        return self._forward(ids, position, cache)[-1].float()
+
+    @torch.inference_mode()
+    def _choose(
+        self, logits: torch.Tensor, state: _Decoding
+    ) -> tuple[int, float | None, list[tuple[int, float]]]:
+        """The next token id, its logprob and the top alternatives (from the raw
+        logits, before penalties and temperature), when the request asks."""
+        processed = hf_sampling.apply_processors(logits, state.tokens(), state.processors)
+        token_id = int(state.sampler(processed))
+        if not state.request.wants_logprobs:
+            return token_id, None, []
+        logprobs = torch.log_softmax(logits, dim=-1)
+        top: list[tuple[int, float]] = []
+        if state.request.top_logprobs:
+            values, ids = torch.topk(logprobs, state.request.top_logprobs)  # sorted, best first
+            top = list(zip(ids.tolist(), values.tolist(), strict=True))
+        return token_id, float(logprobs[token_id]), top
+
+    def _token(
+        self, token_id: int, text: str, logprob: float | None, top: list[tuple[int, float]]
+    ) -> Token:
+        alternatives = tuple(TopLogprob(self.detokenize([i]), lp, i) for i, lp in top)
+        return Token(token_id, text, logprob, alternatives)
+
+    # -- scoring -----------------------------------------------------------
+
+    def loglikelihood(self, context: str, continuation: str) -> tuple[float, bool]:
+        """Sum of log P(continuation | context) and whether every continuation
+        token is the argmax (lm-evaluation-harness ``loglikelihood``).
+
+        Tokenized as lm-eval does: trailing spaces of the context move to the
+        continuation; the continuation is what ``context + continuation`` adds
+        to the context's tokens. An empty context is conditioned on BOS (or EOS).
+        Too long a pair keeps its most recent ``n_ctx`` tokens.
+        """
+        context_ids, continuation_ids = self._encode_pair(context, continuation)
+        if not continuation_ids:
+            return 0.0, True
+        if len(continuation_ids) > self.n_ctx:
+            raise ContextLengthExceeded(len(continuation_ids), self.n_ctx)
+        ids = (context_ids + continuation_ids)[-(self.n_ctx + 1) :]
+        return self._score(ids[:-1], continuation_ids)
+
+    def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        spaces = len(context) - len(context.rstrip())
+        if spaces:
+            context, continuation = context[:-spaces], context[-spaces:] + continuation
+        if not context:
+            prefix = self._bos_id if self._bos_id is not None else next(iter(self._eos_ids), 0)
+            return [prefix], self.tokenize(continuation, add_bos=False)
+        whole = self.tokenize(context + continuation, add_bos=True)
+        context_ids = self.tokenize(context, add_bos=True)
+        return context_ids, whole[len(context_ids) :]
+
+    @torch.inference_mode()
+    def _score(self, inputs: list[int], targets: list[int]) -> tuple[float, bool]:
+        logits = self._forward(torch.tensor([inputs], device=self.device), 0, None)  # (T, V)
+        logprobs = torch.log_softmax(logits[-len(targets) :].float(), dim=-1)  # (C, V)
+        target = torch.tensor(targets, device=self.device)
+        total = logprobs.gather(1, target[:, None]).sum()
+        greedy = bool((logprobs.argmax(dim=-1) == target).all())
+        return float(total), greedy
+
+    def close(self) -> None:
+        """Drop the model and tokenizer; the backend cannot be used afterwards."""
+        self.model = None
+        self.tokenizer = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+@dataclass
+class _Decoding:
+    """Per-request sampling state: the sampler, the history-dependent logits
+    processors, and the token history they read (prompt first)."""
+
+    request: Request
+    sampler: hf_sampling.Sampler
+    processors: list[hf_sampling.LogitsProcessor]
+    history: torch.Tensor  # (prompt + limit,) int64
+    length: int
+
+    @classmethod
+    def start(
+        cls, request: Request, prompt_ids: list[int], limit: int, device: torch.device
+    ) -> _Decoding:
+        generator = torch.Generator(device=device)
+        if request.seed is None:
+            generator.seed()  # non-deterministic, without touching torch's global RNG
+        else:
+            generator.manual_seed(request.seed)
+        processors = hf_sampling.make_logits_processors(request, len(prompt_ids))
+        history = torch.zeros(len(prompt_ids) + limit, dtype=torch.long, device=device)
+        history[: len(prompt_ids)] = torch.tensor(prompt_ids)
+        sampler = hf_sampling.sampler_for(request, generator)
+        return cls(request, sampler, processors, history, len(prompt_ids))
+
+    def tokens(self) -> torch.Tensor:
+        return self.history[: self.length]
+
+    def append(self, token_id: int) -> None:
+        self.history[self.length] = token_id
+        self.length += 1
+
+
+class IncrementalDetokenizer:
+    """Turns ids, one at a time, into text deltas that never split a character.
+
+    Each push decodes a short window (ids already shown, for context, then the
+    new ones) and returns only what the new ids added. A window whose text ends
+    in U+FFFD is an incomplete UTF-8 sequence: nothing is returned until a later
+    id completes it (or ``flush`` gives it up at the end).
+    """
+
+    def __init__(self, decode: Callable[[Sequence[int]], str], context_ids: Sequence[int]) -> None:
+        self._decode = decode
+        self._ids = list(context_ids)
+        self._prefix = 0  # window start
+        self._read = len(self._ids)  # ids before this are already shown
+
+    def push(self, token_id: int) -> str:
+        self._ids.append(token_id)
+        return self._emit(final=False)
+
+    def flush(self) -> str:
+        """Whatever is still held back, at the end of generation."""
+        return self._emit(final=True) if self._read < len(self._ids) else ""
+
+    def _emit(self, final: bool) -> str:
+        shown = self._decode(self._ids[self._prefix : self._read])
+        text = self._decode(self._ids[self._prefix :])
+        if text.endswith("\ufffd") and not final:
+            return ""
+        # ``shown`` is a prefix of ``text`` for every tokenizer we know of;
+        # slicing by length keeps going even for one that breaks that.
+        self._prefix, self._read = self._read, len(self._ids)
+        return text[len(shown) :]
+
+
+def _drain(stops: StopBuffer, leftover: str) -> Iterator[TextDelta]:
+    """The last deltas: text the detokenizer held back, then what StopBuffer holds."""
+    if stops.hit:
+        return
+    if leftover and (delta := stops.push(leftover)):
+        yield delta
+    if not stops.hit and (delta := stops.flush()):
+        yield delta
+
+
+# -- loading -----------------------------------------------------------------
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise InvalidRequest("device", f"unknown device {device!r}") from exc
+
+
+def _check_n_ctx(n_ctx: object) -> None:
+    if n_ctx is None:
+        return
+    if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1:
+        raise InvalidRequest("n_ctx", f"must be a positive integer, got {n_ctx!r}")
+
+
+def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise InvalidRequest("dtype", f"must be auto, {', '.join(_DTYPES)}; got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def _model_folder(path: Path, cache_dir: Path | None) -> Path:
+    """The safetensors folder to load: ``path`` itself, or its GGUF conversion."""
+    if not path.exists():
+        raise ModelNotFound(f"no such file or folder: {path}")
+    if path.is_dir():
+        return path
+    if path.suffix.lower() != ".gguf":
+        raise ModelLoadError(f"{path}: not a .gguf file or a Hugging Face model folder")
+    return converted_folder(path, cache_dir)
+
+
+def _load(folder: Path, dtype: torch.dtype, device: torch.device) -> tuple[Any, Any]:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dtype, device_map=str(device), local_files_only=True
+        )
+    # Loaders raise many exception types on folders they cannot read (OSError for
+    # missing files, ValueError for unknown architectures, KeyError...).
+    except Exception as exc:
+        lines = str(exc).strip().splitlines() or [type(exc).__name__]
+        raise ModelLoadError(f"{folder}: cannot load: {lines[0]}") from exc
+    model.eval()
+    return model, tokenizer
+
+
+def _trained_context(config: Any) -> int:
+    for name in ("max_position_embeddings", "n_positions", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return _FALLBACK_CTX
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    """Every id that ends a turn: the tokenizer's EOS and generation_config's list."""
+    found: set[int] = set()
+    for value in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+        if isinstance(value, int):
+            found.add(value)
+        elif isinstance(value, (list, tuple)):
+            found.update(v for v in value if isinstance(v, int))
+    return frozenset(found)
+
+
+def _adds_bos(tokenizer: Any, bos_id: int) -> bool:
+    """Whether the tokenizer's own post-processing starts a text with BOS."""
+    ids = tokenizer.encode("a", add_special_tokens=True)
+    return bool(ids) and ids[0] == bos_id
+
+
+def _cache_kwarg(model: Any) -> str:
+    """transformers 5.2x calls the KV cache argument ``cache``; earlier
+    versions ``past_key_values``."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"

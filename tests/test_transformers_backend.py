@@ -1,0 +1,525 @@
+"""The transformers backend against Hugging Face's own implementation.
+
+Tiny random-weight Llama and Falcon models (built here, with a byte-level BPE
+tokenizer trained here) check that generation, logprobs and scoring equal what
+``transformers`` computes directly; the bundled SmolLM2 GGUF, converted once per
+session, checks the GGUF path end to end with a real chat.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import shutil
+import weakref
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM,
+    FalconConfig,
+    FalconForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+from lanner.backends import gguf_convert, hf_sampling  # noqa: E402
+from lanner.backends.base import Backend  # noqa: E402
+from lanner.backends.transformers import IncrementalDetokenizer, TransformersBackend  # noqa: E402
+from lanner.engine.types import Finish, Request, TextDelta, collect  # noqa: E402
+from lanner.errors import (  # noqa: E402
+    ContextLengthExceeded,
+    InvalidRequest,
+    ModelLoadError,
+    ModelNotFound,
+)
+
+CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "hello world, this is a tiny corpus for a tiny model.",
+    "a model reads tokens and writes tokens, one at a time.",
+]
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}</s>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+BOS, EOS, PAD = 0, 1, 2
+PROMPT = "the quick brown fox"
+
+
+def make_tokenizer(add_bos: bool) -> PreTrainedTokenizerFast:
+    """Byte-level BPE (every byte is a token, so any id sequence decodes)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<s>", "</s>", "<pad>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", special_tokens=[("<s>", BOS)]
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        chat_template=CHATML,
+    )
+
+
+def save_model(folder: Path, model: Any, tokenizer: PreTrainedTokenizerFast) -> Path:
+    model.generation_config.eos_token_id = EOS
+    model.generation_config.pad_token_id = PAD
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tokenizer = make_tokenizer(add_bos=True)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=128, vocab_size=len(tokenizer), max_position_embeddings=256,
+        bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD, initializer_range=0.2,
+    )
+    model = LlamaForCausalLM(config)
+    return save_model(tmp_path_factory.mktemp("llama"), model, tokenizer)
+
+
+@pytest.fixture(scope="module")
+def falcon_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tokenizer = make_tokenizer(add_bos=False)
+    torch.manual_seed(3)  # a seed whose greedy output does not start with EOS
+    config = FalconConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, multi_query=True,
+        parallel_attn=True, new_decoder_architecture=False, vocab_size=len(tokenizer),
+        max_position_embeddings=256, bos_token_id=BOS, eos_token_id=EOS, initializer_range=0.2,
+    )
+    model = FalconForCausalLM(config)
+    return save_model(tmp_path_factory.mktemp("falcon"), model, tokenizer)
+
+
+@pytest.fixture(scope="module")
+def llama(llama_dir: Path) -> Iterator[TransformersBackend]:
+    backend = TransformersBackend(llama_dir)
+    yield backend
+    backend.close()
+
+
+def reference(folder: Path) -> Any:
+    """The same checkpoint loaded by transformers alone."""
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def hf_greedy(model: Any, prompt_ids: list[int], n: int) -> list[int]:
+    """``model.generate`` greedy continuation, without the EOS it may end on."""
+    with torch.inference_mode():
+        out = model.generate(
+            torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=n,
+            attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+        )
+    new = out[0, len(prompt_ids) :].tolist()
+    eos = model.generation_config.eos_token_id
+    eos_ids = set(eos) if isinstance(eos, list) else {eos}
+    return new[:-1] if new and new[-1] in eos_ids else new
+
+
+# -- generation equals transformers ------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["llama", "falcon"])
+def test_greedy_tokens_equal_hf_generate(arch: str, request: pytest.FixtureRequest) -> None:
+    folder: Path = request.getfixturevalue(f"{arch}_dir")
+    backend = TransformersBackend(folder)
+    assert isinstance(backend, Backend)
+    prompt_ids = backend.tokenize(PROMPT)
+    out = collect(backend.stream(Request(prompt_ids, max_tokens=20, temperature=0.0)))
+    expected = hf_greedy(reference(folder), prompt_ids, 20)
+    assert [t.id for t in out.tokens] == expected
+    assert len(expected) == 20  # the whole length ran: the comparison covers 20 steps
+    assert out.finish is not None and out.finish.reason == "length"
+    assert out.finish.usage.prompt_tokens == len(prompt_ids)
+    assert out.finish.usage.completion_tokens == 20
+    assert out.text == backend.detokenize(expected)
+
+
+def test_metadata_and_tokenize(llama: TransformersBackend, falcon_dir: Path) -> None:
+    meta = llama.metadata
+    assert (meta.architecture, meta.bos_token, meta.eos_token) == ("llama", "<s>", "</s>")
+    assert meta.chat_template == CHATML
+    assert meta.n_ctx_train == 256 and llama.n_ctx == 256
+    assert llama.name == "transformers" and llama.version == transformers.__version__
+    assert llama.tokenize("the </s>", special=True)[0] == BOS
+    assert llama.tokenize("the </s>", special=True)[-1] == EOS
+    assert EOS not in llama.tokenize("the </s>", special=False)
+    assert llama.tokenize("the", add_bos=False)[0] != BOS
+    assert llama.detokenize(llama.tokenize("hello world", add_bos=False)) == "hello world"
+    falcon = TransformersBackend(falcon_dir, n_ctx=64)
+    assert falcon.metadata.architecture == "falcon" and falcon.n_ctx == 64
+    assert BOS not in falcon.tokenize("the fox")  # a tokenizer without BOS gets none
+
+
+def test_logprobs_equal_log_softmax_of_model_logits(llama: TransformersBackend) -> None:
+    prompt_ids = llama.tokenize(PROMPT)
+    req = Request(prompt_ids, max_tokens=8, logprobs=True, top_logprobs=5, temperature=0.0)
+    tokens = collect(llama.stream(req)).tokens
+    ids = prompt_ids + [t.id for t in tokens]
+    with torch.inference_mode():
+        logits = llama.model(torch.tensor([ids])).logits[0]
+    expected = torch.log_softmax(logits.float(), dim=-1)[len(prompt_ids) - 1 : -1]  # (8, V)
+    for token, row in zip(tokens, expected, strict=True):
+        assert token.logprob == pytest.approx(float(row[token.id]), abs=1e-4)
+        values = [alt.logprob for alt in token.top]
+        assert values == sorted(values, reverse=True) and len(values) == 5
+        assert [alt.token_id for alt in token.top] == torch.topk(row, 5).indices.tolist()
+        assert values == pytest.approx(torch.topk(row, 5).values.tolist(), abs=1e-4)
+        assert token.top[0].token_id == token.id  # greedy picks the best alternative
+        assert token.top[0].token == llama.detokenize([token.id])
+
+
+def test_no_logprobs_unless_asked(llama: TransformersBackend) -> None:
+    tokens = collect(llama.stream(Request(PROMPT, max_tokens=3, temperature=0.0))).tokens
+    assert all(t.logprob is None and t.top == () for t in tokens)
+
+
+def test_same_seed_same_text_other_seed_other_text(llama: TransformersBackend) -> None:
+    def sample(seed: int) -> list[int]:
+        req = Request(PROMPT, max_tokens=20, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
+                      seed=seed)
+        return [t.id for t in collect(llama.stream(req)).tokens]
+
+    assert sample(7) == sample(7)
+    assert sample(7) != sample(8)
+
+
+def test_bfloat16_loads_and_generates(llama_dir: Path) -> None:
+    backend = TransformersBackend(llama_dir, dtype="bfloat16")
+    assert backend.model.dtype == torch.bfloat16
+    assert backend.metadata.extra["dtype"] == "bfloat16"
+    out = collect(backend.stream(Request(PROMPT, max_tokens=5, temperature=0.0)))
+    assert len(out.tokens) == 5 and out.finish is not None and out.finish.reason == "length"
+    backend.close()
+    assert backend.model is None
+
+
+# -- ending a generation -------------------------------------------------------
+
+
+def test_stop_string_cuts_text_and_finishes_stop(llama: TransformersBackend) -> None:
+    full = collect(llama.stream(Request(PROMPT, max_tokens=20, temperature=0.0))).text
+    stop = full[8:11]
+    assert len(stop) == 3 and stop.strip()
+    out = collect(llama.stream(Request(PROMPT, max_tokens=20, stop=(stop,), temperature=0.0)))
+    assert out.text == full[: full.index(stop)]
+    assert out.finish is not None and out.finish.reason == "stop"
+    assert out.finish.usage.completion_tokens < 20
+
+
+def test_max_tokens_and_full_context_finish_length(llama_dir: Path) -> None:
+    backend = TransformersBackend(llama_dir, n_ctx=10)
+    prompt_ids = backend.tokenize(PROMPT)
+    out = collect(backend.stream(Request(prompt_ids, max_tokens=None, temperature=0.0)))
+    assert out.finish is not None and out.finish.reason == "length"
+    assert out.finish.usage.completion_tokens == 10 - len(prompt_ids) == len(out.tokens)
+    with pytest.raises(ContextLengthExceeded):
+        backend.stream(Request(list(range(3, 13)), temperature=0.0))  # refused before any token
+
+
+def test_generation_config_eos_list_stops(llama_dir: Path, tmp_path: Path) -> None:
+    greedy = collect(TransformersBackend(llama_dir).stream(
+        Request(PROMPT, max_tokens=20, temperature=0.0))).tokens
+    stop_id = greedy[3].id
+    first = next(i for i, t in enumerate(greedy) if t.id == stop_id)
+    folder = Path(shutil.copytree(llama_dir, tmp_path / "eos"))
+    gen_config = json.loads((folder / "generation_config.json").read_text())
+    gen_config["eos_token_id"] = [EOS, stop_id]
+    (folder / "generation_config.json").write_text(json.dumps(gen_config))
+    backend = TransformersBackend(folder)
+    out = collect(backend.stream(Request(PROMPT, max_tokens=20, temperature=0.0)))
+    assert [t.id for t in out.tokens] == [t.id for t in greedy[:first]]
+    assert out.finish is not None and out.finish.reason == "stop"
+    assert out.finish.usage.completion_tokens == first
+
+
+def test_closing_the_stream_early_frees_the_kv_cache(
+    llama: TransformersBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    caches: list[weakref.ref[Any]] = []
+    new_cache = llama._new_cache
+
+    def tracked() -> Any:
+        cache = new_cache()
+        caches.append(weakref.ref(cache))
+        return cache
+
+    monkeypatch.setattr(llama, "_new_cache", tracked)
+    stream = llama.stream(Request(PROMPT, max_tokens=50, temperature=0.0))
+    first = next(stream)
+    assert isinstance(first, TextDelta)
+    assert caches[0]() is not None
+    stream.close()
+    gc.collect()
+    assert caches[0]() is None
+
+
+def test_stream_ends_with_one_finish_and_text_matches_tokens(llama: TransformersBackend) -> None:
+    events = list(llama.stream(Request(PROMPT, max_tokens=30, temperature=1.5, seed=3)))
+    assert isinstance(events[-1], Finish)
+    assert all(isinstance(e, TextDelta) for e in events[:-1])
+    ids = [t.id for e in events[:-1] if isinstance(e, TextDelta) for t in e.tokens]
+    text = "".join(e.text for e in events[:-1] if isinstance(e, TextDelta))
+    assert text == llama.detokenize(ids)  # whole characters, nothing lost or doubled
+
+
+def test_incremental_detokenizer_never_splits_a_character(llama: TransformersBackend) -> None:
+    e_acute = llama.tokenize("é", add_bos=False)
+    assert len(e_acute) == 2  # two byte tokens
+    detok = IncrementalDetokenizer(llama.detokenize, llama.tokenize("caf", add_bos=False))
+    assert detok.push(e_acute[0]) == ""
+    assert detok.push(e_acute[1]) == "é"
+    assert detok.push(e_acute[0]) == ""
+    assert detok.flush() == "\ufffd"  # an unfinished character is given up at the end
+
+
+# -- scoring ---------------------------------------------------------------------
+
+
+def test_loglikelihood_equals_model_logprobs(llama: TransformersBackend) -> None:
+    context, continuation = "the quick brown", " fox jumps"
+    total, greedy = llama.loglikelihood(context, continuation)
+    ctx = llama.tokenize(context)
+    whole = llama.tokenize(context + continuation)
+    with torch.inference_mode():
+        logprobs = torch.log_softmax(llama.model(torch.tensor([whole])).logits[0].float(), -1)
+    rows = logprobs[len(ctx) - 1 : -1]
+    targets = torch.tensor(whole[len(ctx) :])
+    assert total == pytest.approx(float(rows.gather(1, targets[:, None]).sum()), abs=1e-4)
+    assert greedy == bool((rows.argmax(-1) == targets).all())
+    assert llama.loglikelihood("the quick brown ", "fox jumps")[0] == pytest.approx(total)
+
+
+def test_loglikelihood_of_greedy_token_is_greedy(llama: TransformersBackend) -> None:
+    first = collect(llama.stream(Request(PROMPT, max_tokens=1, logprobs=True, temperature=0.0)))
+    token = first.tokens[0]
+    # The continuation must tokenize back to the greedy token for the check to mean anything.
+    assert llama.tokenize(PROMPT + token.text) == llama.tokenize(PROMPT) + [token.id]
+    total, greedy = llama.loglikelihood(PROMPT, token.text)
+    assert greedy and total == pytest.approx(token.logprob, abs=1e-4)
+
+
+# -- errors --------------------------------------------------------------------
+
+
+def test_missing_and_broken_models_raise_typed_errors(tmp_path: Path) -> None:
+    with pytest.raises(ModelNotFound):
+        TransformersBackend(tmp_path / "nope")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    with pytest.raises(ModelLoadError) as info:
+        TransformersBackend(broken)
+    assert "\n" not in str(info.value) and str(broken) in str(info.value)
+
+
+def test_bad_options_name_the_field(llama_dir: Path) -> None:
+    with pytest.raises(InvalidRequest, match="dtype"):
+        TransformersBackend(llama_dir, dtype="float8")
+    with pytest.raises(InvalidRequest, match="n_ctx"):
+        TransformersBackend(llama_dir, n_ctx=0)
+
+
+def test_prompt_ids_outside_vocabulary_are_refused(llama: TransformersBackend) -> None:
+    with pytest.raises(InvalidRequest, match="prompt"):
+        llama.stream(Request([5, 10_000]))
+
+
+def test_unreadable_gguf_leaves_no_cache_entry(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF not really")
+    cache = tmp_path / "converted"
+    with pytest.raises(ModelLoadError):
+        TransformersBackend(bad, cache_dir=cache)
+    assert list(cache.iterdir()) == []  # no half-written folder, no temp folder
+
+
+def test_conversions_default_to_the_lanner_home(lanner_home: Path) -> None:
+    assert gguf_convert.default_cache_root() == lanner_home / "converted"
+
+
+# -- sampler ---------------------------------------------------------------------
+
+
+def test_masks_equal_hf_logits_warpers() -> None:
+    from transformers.generation.logits_process import (
+        MinPLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    torch.manual_seed(0)
+    logits = torch.randn(500) * 3
+    ids = torch.zeros(1, 1, dtype=torch.long)
+    cases = [
+        (hf_sampling.top_k_mask(logits, 7), TopKLogitsWarper(7)),
+        (hf_sampling.top_p_mask(logits, 0.9), TopPLogitsWarper(0.9)),
+        (hf_sampling.min_p_mask(logits, 0.05), MinPLogitsWarper(0.05)),
+    ]
+    for ours, warper in cases:
+        theirs = warper(ids, logits[None].clone())[0]
+        assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
+        assert 0 < int(torch.isfinite(ours).sum()) < 500
+
+
+def test_masks_on_known_distribution() -> None:
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+
+    def kept(masked: torch.Tensor) -> list[int]:
+        return torch.isfinite(masked).nonzero().flatten().tolist()
+
+    assert kept(hf_sampling.top_k_mask(logits, 2)) == [0, 1]
+    assert kept(hf_sampling.top_k_mask(logits, 0)) == [0, 1, 2, 3]
+    assert kept(hf_sampling.top_p_mask(logits, 0.7)) == [0, 1]
+    assert kept(hf_sampling.top_p_mask(logits, 0.4)) == [0]
+    assert kept(hf_sampling.top_p_mask(logits, 1.0)) == [0, 1, 2, 3]
+    assert kept(hf_sampling.min_p_mask(logits, 0.2)) == [0, 1, 2]
+    assert kept(hf_sampling.min_p_mask(logits, 0.0)) == [0, 1, 2, 3]
+
+
+def test_repetition_penalty_hf_semantics() -> None:
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    logits = torch.tensor([2.0, -2.0, 1.0, 0.5])
+    seen = torch.tensor([0, 1, 1])
+    out = hf_sampling.apply_repetition_penalty(logits, seen, 2.0)
+    assert out.tolist() == [1.0, -4.0, 1.0, 0.5]
+    theirs = RepetitionPenaltyLogitsProcessor(2.0)(seen[None], logits[None].clone())[0]
+    assert torch.equal(out, theirs)
+    assert logits.tolist() == [2.0, -2.0, 1.0, 0.5]  # input untouched
+
+
+def test_presence_and_frequency_penalties_count_the_completion_only() -> None:
+    request = Request([9, 9], presence_penalty=0.5, frequency_penalty=0.25)
+    (process,) = hf_sampling.make_logits_processors(request, prompt_len=2)
+    logits = torch.zeros(10)
+    out = process(logits, torch.tensor([9, 9, 3, 3, 5]))  # prompt [9, 9], completion [3, 3, 5]
+    assert out[3] == pytest.approx(-1.0) and out[5] == pytest.approx(-0.75)
+    assert out[9] == 0.0  # prompt tokens are not penalised (OpenAI semantics)
+
+
+def test_sampler_respects_masks_and_seed() -> None:
+    logits = torch.log(torch.tensor([0.4, 0.3, 0.2, 0.1]))
+    assert set(draws(logits, seed=0, top_k=2)) == {0, 1}
+    assert draws(logits, seed=0) == draws(logits, seed=0)
+    assert draws(logits, seed=0) != draws(logits, seed=1)
+    assert set(draws(logits, seed=0)) == {0, 1, 2, 3}
+    assert set(draws(logits, seed=0, temperature=0.0)) == {0}
+    assert set(draws(logits, seed=0, min_p=0.6)) == {0, 1}
+
+
+def draws(logits: torch.Tensor, seed: int, temperature: float = 1.0, **options: Any) -> list[int]:
+    """200 draws from a sampler with its own generator seeded ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    sample = hf_sampling.make_sampler(temperature, generator=generator, **options)
+    return [int(sample(logits)) for _ in range(200)]
+
+
+# -- the bundled SmolLM2, through GGUF conversion ---------------------------------
+
+
+@pytest.fixture(scope="session")
+def converted_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("converted")
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_gguf: Path, converted_cache: Path) -> Iterator[TransformersBackend]:
+    backend = TransformersBackend(smollm2_gguf, cache_dir=converted_cache)
+    yield backend
+    backend.close()
+
+
+def chat_ids(backend: TransformersBackend, question: str) -> list[int]:
+    messages = [{"role": "user", "content": question}]
+    text = backend.tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True
+    )
+    return backend.tokenize(text, add_bos=False, special=True)
+
+
+@pytest.mark.slow
+def test_converted_smollm2_answers_paris_like_hf_generate(smollm2: TransformersBackend) -> None:
+    prompt_ids = chat_ids(smollm2, "What is the capital of France?")
+    out = collect(smollm2.stream(Request(prompt_ids, max_tokens=40, temperature=0.0)))
+    assert "Paris" in out.text
+    assert out.finish is not None and out.finish.reason == "stop"  # ended on <|im_end|>
+    assert [t.id for t in out.tokens] == hf_greedy(smollm2.model, prompt_ids, 40)
+
+
+@pytest.mark.slow
+def test_converted_smollm2_metadata_and_scoring(smollm2: TransformersBackend) -> None:
+    meta = smollm2.metadata
+    assert meta.architecture == "llama" and meta.eos_token == "<|im_end|>"
+    assert meta.chat_template is not None and "<|im_start|>" in meta.chat_template
+    assert meta.n_ctx_train == 8192
+    assert str(meta.extra["converted_from"]).endswith(".gguf")
+    paris, paris_greedy = smollm2.loglikelihood("The capital of France is", " Paris")
+    london, london_greedy = smollm2.loglikelihood("The capital of France is", " London")
+    assert paris_greedy and not london_greedy and paris > london
+
+
+@pytest.fixture(scope="module")
+def tinycoder(
+    tinycoder_gguf: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TransformersBackend]:
+    """The bundled 2-layer random Llama GGUF (Llama's SentencePiece vocab), converted."""
+    backend = TransformersBackend(tinycoder_gguf, cache_dir=tmp_path_factory.mktemp("converted"))
+    yield backend
+    backend.close()
+
+
+def test_gguf_conversion_is_cached_and_reused(
+    tinycoder: TransformersBackend, tinycoder_gguf: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = tinycoder.folder.parent
+    assert [e.name for e in cache.iterdir()] == [gguf_convert.gguf_sha256(tinycoder_gguf)[:16]]
+    for name in ("config.json", "model.safetensors", "tokenizer.json", gguf_convert.MANIFEST):
+        assert (tinycoder.folder / name).is_file()
+    manifest = gguf_convert.read_manifest(tinycoder.folder)
+    assert manifest["source"] == str(tinycoder_gguf.resolve())
+
+    def no_conversion(*args: object) -> None:
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(gguf_convert, "_convert", no_conversion)
+    again = TransformersBackend(tinycoder_gguf, cache_dir=cache)
+    assert again.folder == tinycoder.folder
+    again.close()
+
+
+def test_converted_tinycoder_matches_hf_generate_and_keeps_spaces(
+    tinycoder: TransformersBackend,
+) -> None:
+    meta = tinycoder.metadata
+    assert (meta.architecture, meta.bos_token, meta.eos_token) == ("llama", "<s>", "</s>")
+    prompt_ids = tinycoder.tokenize("def fib(n):")
+    assert prompt_ids[0] == tinycoder.tokenizer.bos_token_id  # Llama's tokenizer adds BOS
+    out = collect(tinycoder.stream(Request(prompt_ids, max_tokens=16, temperature=0.0)))
+    ids = [t.id for t in out.tokens]
+    assert ids == hf_greedy(tinycoder.model, prompt_ids, 16)
+    # Streamed text is exactly what the completion adds to the prompt's text,
+    # SentencePiece word-start spaces included.
+    prompt_text = tinycoder.detokenize(prompt_ids)
+    assert prompt_text + out.text == tinycoder.detokenize(prompt_ids + ids)
+    assert " " in out.text
