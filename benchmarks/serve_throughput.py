@@ -1,0 +1,199 @@
+"""Serving throughput under concurrency, in one run, on one GGUF:
+
+  * `lanner serve` (continuous batching),
+  * `python -m llama_cpp.server` (llama-cpp-python's own OpenAI server),
+  * the raw ceiling: llama.cpp's batched decode of B sequences through the
+    low-level API, no server and no sampling beyond argmax.
+
+For 1, 4, 8, 16 concurrent streaming chat requests (128 new tokens each):
+aggregate tokens/s and p50/p95 time to first token. Loopback only; every
+request loop is bounded. Usage: python benchmarks/serve_throughput.py [--gguf F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from lanner.engine.registry import bundled_path
+
+_quiet: object = None
+TOPICS = ["the sea", "a lighthouse", "mountains", "a library", "winter", "a city at night",
+          "a garden", "the desert", "a train journey", "an old clock", "rain", "a market",
+          "the moon", "a forest", "a river", "a bakery"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start(cmd: list[str], port: int, health: str) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}{health}", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError(f"server did not start: {' '.join(cmd)}")
+
+
+async def one_stream(client: httpx.AsyncClient, url: str, model: str, i: int,
+                     n: int) -> tuple[float, int]:
+    """(time to first token, completion tokens) of one streaming request."""
+    body = {"model": model, "stream": True, "max_tokens": n, "temperature": 0.8, "seed": i,
+            "stream_options": {"include_usage": True},
+            "messages": [{"role": "user",
+                          "content": f"Write a long story about {TOPICS[i % len(TOPICS)]}."}]}
+    start = time.perf_counter()
+    ttft, chunks, usage = 0.0, 0, None
+    async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as resp:
+        resp.raise_for_status()
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            data = json.loads(line[6:])
+            if data.get("usage"):
+                usage = data["usage"]["completion_tokens"]
+            if data.get("choices") and data["choices"][0]["delta"].get("content"):
+                ttft = ttft or time.perf_counter() - start
+                chunks += 1
+    return ttft, usage if usage is not None else chunks
+
+
+async def load(url: str, model: str, concurrency: int, n: int) -> dict[str, float]:
+    async with httpx.AsyncClient(timeout=600) as client:
+        start = time.perf_counter()
+        results = await asyncio.gather(
+            *(one_stream(client, url, model, i, n) for i in range(concurrency)))
+        wall = time.perf_counter() - start
+    ttfts = sorted(r[0] for r in results)
+    return {"tok_s": sum(r[1] for r in results) / wall,
+            "p50_ttft": statistics.median(ttfts),
+            "p95_ttft": ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))]}
+
+
+def serve_and_measure(name: str, cmd: list[str], port: int, health: str, model: str,
+                      levels: list[int], n: int) -> dict[int, dict[str, float]]:
+    proc = start(cmd, port, health)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        asyncio.run(load(url, model, 1, 8))  # warm-up
+        out = {}
+        for c in levels:
+            out[c] = asyncio.run(load(url, model, c, n))
+            print(f"  {name:<18} streams={c:<3} {out[c]['tok_s']:7.1f} tok/s  "
+                  f"ttft p50 {out[c]['p50_ttft']:.3f}s p95 {out[c]['p95_ttft']:.3f}s", flush=True)
+        return out
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def raw_ceiling(gguf: Path, batch: int, n: int, threads: int) -> float:
+    """Tokens/s of llama.cpp decoding ``batch`` sequences together, greedy."""
+    import llama_cpp
+    import numpy as np
+
+    global _quiet
+    _quiet = llama_cpp.llama_log_callback(lambda *a: None)  # must outlive the call
+    llama_cpp.llama_log_set(_quiet, ctypes.c_void_p(0))
+    llama_cpp.llama_backend_init()
+    mparams = llama_cpp.llama_model_default_params()
+    model = llama_cpp.llama_model_load_from_file(str(gguf).encode(), mparams)
+    cparams = llama_cpp.llama_context_default_params()
+    cparams.n_ctx, cparams.n_batch, cparams.n_seq_max = 4096, 512, max(batch, 1)
+    cparams.n_threads = cparams.n_threads_batch = threads
+    ctx = llama_cpp.llama_init_from_model(model, cparams)
+    vocab = llama_cpp.llama_model_get_vocab(model)
+    n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
+    prompt = [llama_cpp.llama_vocab_bos(vocab)] * 1 + list(range(1000, 1031))
+    lb = llama_cpp.llama_batch_init(max(len(prompt) * batch, batch), 0, batch)
+
+    def fill(items: list[tuple[int, int, int, bool]]) -> None:
+        lb.n_tokens = len(items)
+        for i, (tok, pos, seq, logits) in enumerate(items):
+            lb.token[i], lb.pos[i], lb.n_seq_id[i] = tok, pos, 1
+            lb.seq_id[i][0], lb.logits[i] = seq, logits
+
+    start = time.perf_counter()
+    fill([(t, p, s, p == len(prompt) - 1) for s in range(batch) for p, t in enumerate(prompt)])
+    llama_cpp.llama_decode(ctx, lb)
+    rows = [s * len(prompt) + len(prompt) - 1 for s in range(batch)]
+    for step in range(n):
+        nxt = [int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, r),
+                                                   shape=(n_vocab,)))) for r in rows]
+        fill([(t, len(prompt) + step, s, True) for s, t in enumerate(nxt)])
+        llama_cpp.llama_decode(ctx, lb)
+        rows = list(range(batch))
+    rate = batch * n / (time.perf_counter() - start)
+    llama_cpp.llama_batch_free(lb)
+    llama_cpp.llama_free(ctx)
+    llama_cpp.llama_model_free(model)
+    return rate
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gguf", type=Path, default=bundled_path("smollm2"))
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--levels", default="1,4,8,16")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--skip", default="", help="comma list of: lanner,llama_cpp,raw")
+    args = parser.parse_args()
+    levels = [int(x) for x in args.levels.split(",")]
+    skip = set(args.skip.split(","))
+    print(f"serve throughput, {args.gguf.name}, {args.tokens} new tokens per stream, "
+          f"{os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}")
+    results: dict[str, dict[int, dict[str, float]]] = {}
+    if "raw" not in skip:
+        results["raw"] = {}
+        for b in levels:
+            results["raw"][b] = {"tok_s": raw_ceiling(args.gguf, b, args.tokens, args.threads)}
+            print(f"  {'raw batched':<18} B={b:<8} {results['raw'][b]['tok_s']:7.1f} tok/s",
+                  flush=True)
+    if "lanner" not in skip:
+        port = free_port()
+        cmd = [sys.executable, "-m", "lanner", "serve", str(args.gguf), "--port", str(port),
+               "--no-embeddings"]
+        results["lanner"] = serve_and_measure("lanner serve", cmd, port, "/health",
+                                              args.gguf.name, levels, args.tokens)
+    if "llama_cpp" not in skip:
+        port = free_port()
+        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(args.gguf),
+               "--port", str(port), "--n_ctx", "4096", "--n_threads", str(args.threads)]
+        results["llama_cpp"] = serve_and_measure("llama_cpp.server", cmd, port, "/v1/models",
+                                                 args.gguf.name, levels, args.tokens)
+    summarise(results)
+
+
+def summarise(r: dict[str, dict[int, dict[str, float]]]) -> None:
+    if "lanner" in r and "raw" in r and 1 in r["lanner"]:
+        ratio = r["lanner"][1]["tok_s"] / r["raw"][1]["tok_s"]
+        print(f"  single stream: lanner / raw B=1 = {ratio:.2f} (target >= 0.95)")
+    if "lanner" in r and 8 in r["lanner"]:
+        if "llama_cpp" in r:
+            ratio = r["lanner"][8]["tok_s"] / r["llama_cpp"][8]["tok_s"]
+            print(f"  8 streams: lanner / llama_cpp.server = {ratio:.2f} (target >= 2.5)")
+        if "raw" in r:
+            ratio = r["lanner"][8]["tok_s"] / r["raw"][8]["tok_s"]
+            print(f"  8 streams: lanner / raw ceiling = {ratio:.2f} (target >= 0.9)")
+
+
+if __name__ == "__main__":
+    main()

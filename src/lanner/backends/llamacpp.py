@@ -1,0 +1,299 @@
+"""The llama.cpp backend: GGUF models through llama-cpp-python's low-level API.
+
+Several threads may call ``stream`` at once: one scheduler thread owns the
+llama.cpp context and decodes every active sequence together, one batch per step
+(continuous batching, see ``llamacpp_sched``). Sampling runs inside llama.cpp's
+sampler chains, so a token costs no per-vocabulary Python work unless logprobs
+were asked for.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Generator, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, cast
+
+from lanner.backends.base import ModelMetadata
+from lanner.engine.types import Event, Finish, Request
+from lanner.errors import BackendUnavailable, ContextLengthExceeded, InvalidRequest, LannerError
+
+try:
+    import llama_cpp
+except ImportError as e:  # pragma: no cover - llama-cpp-python is a core dependency
+    raise BackendUnavailable(
+        f"the llama.cpp backend needs llama-cpp-python (pip install llama-cpp-python): {e}"
+    ) from e
+
+from .llamacpp_jobs import GenJob, ScoreJob
+from .llamacpp_native import ContextConfig, Vocab, create_context, load_model, meta_str
+from .llamacpp_sched import Scheduler
+
+DEFAULT_MAX_CTX = 8192
+"""Default context: the model's training context, but at most this (KV memory)."""
+
+# Extra keyword options and their defaults.
+_OPTIONS: dict[str, int | bool] = {
+    "n_batch": 512,  # tokens per llama_decode step (prompt chunks + one per sequence)
+    "n_ubatch": 512,
+    # On: a sequence's numbers do not depend on what else shares the batch or the
+    # cache, so batched == alone. Off matches a default llama_cpp.Llama exactly.
+    "flash_attn": True,
+    "n_gpu_layers": 0,
+    "use_mmap": True,
+}
+
+
+def _options(kwargs: dict[str, Any]) -> dict[str, Any]:
+    opts: dict[str, Any] = dict(_OPTIONS)
+    for key, value in kwargs.items():
+        if key not in _OPTIONS:
+            raise InvalidRequest(key, f"unknown llama.cpp option (known: {', '.join(_OPTIONS)})")
+        default = _OPTIONS[key]
+        if type(value) is not type(default):
+            raise InvalidRequest(key, f"must be {type(default).__name__}, got {value!r}")
+        opts[key] = value
+    for key in ("n_batch", "n_ubatch"):
+        if opts[key] < 1:
+            raise InvalidRequest(key, f"must be >= 1, got {opts[key]}")
+    return opts
+
+
+def _positive(field: str, value: int | None) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise InvalidRequest(field, f"must be a positive integer, got {value!r}")
+
+
+class LlamaCppBackend:
+    """A GGUF model in llama.cpp, serving up to ``n_seq_max`` streams at once.
+
+    ``n_ctx`` is both the longest sequence (prompt + completion) and the KV cells
+    all concurrent sequences share. Extra options (``**kwargs``): ``n_batch``,
+    ``n_ubatch``, ``flash_attn``, ``n_gpu_layers``, ``use_mmap``; anything else is
+    an ``InvalidRequest`` naming it. Metrics: ``queue_depth``, ``active_sequences``,
+    ``max_batch_seqs``, ``decode_calls``, ``reused_tokens`` (or ``stats()``).
+    """
+
+    name = "llama.cpp"
+    version: str = llama_cpp.__version__
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        n_ctx: int | None = None,
+        n_threads: int | None = None,
+        n_seq_max: int = 16,
+        **kwargs: Any,
+    ) -> None:
+        _positive("n_ctx", n_ctx)
+        _positive("n_threads", n_threads)
+        _positive("n_seq_max", n_seq_max)
+        if n_seq_max > llama_cpp.llama_max_parallel_sequences():
+            raise InvalidRequest("n_seq_max", f"at most {llama_cpp.llama_max_parallel_sequences()}")
+        opts = _options(kwargs)
+        self.path = Path(path)
+        self._closed = False
+        self._ctx: Any = None
+        self._model = load_model(self.path, n_gpu_layers=opts["n_gpu_layers"],
+                                 use_mmap=opts["use_mmap"])
+        try:
+            self._vocab = Vocab(self._model)
+            n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(self._model))
+            cfg = ContextConfig(
+                n_ctx=n_ctx or min(n_ctx_train, DEFAULT_MAX_CTX),
+                n_batch=opts["n_batch"],
+                n_ubatch=opts["n_ubatch"],
+                n_seq_max=n_seq_max,
+                n_threads=n_threads or os.cpu_count() or 1,
+                flash_attn=opts["flash_attn"],
+            )
+            self._ctx = create_context(self._model, cfg, self.path)
+            self.n_ctx: int = int(llama_cpp.llama_n_ctx(self._ctx))
+            self.n_threads = cfg.n_threads
+            self.metadata = self._read_metadata(n_ctx_train)
+            self._sched = Scheduler(self._ctx, n_ctx=self.n_ctx, n_batch=cfg.n_batch,
+                                    n_seq_max=n_seq_max)
+        except BaseException:
+            self._free_native()
+            raise
+
+    # -- metrics ---------------------------------------------------------------
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting for a free sequence slot."""
+        return len(self._sched.waiting)
+
+    @property
+    def active_sequences(self) -> int:
+        """Requests holding a sequence slot (prefilling or generating)."""
+        return len(self._sched.active)
+
+    @property
+    def max_batch_seqs(self) -> int:
+        """Most sequences decoded together in one llama_decode call so far."""
+        return self._sched.max_batch_seqs
+
+    @property
+    def decode_calls(self) -> int:
+        return self._sched.decode_calls
+
+    @property
+    def reused_tokens(self) -> int:
+        """Prompt tokens served from a cached prefix instead of being decoded."""
+        return self._sched.reused_tokens
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "queue_depth": self.queue_depth,
+            "active_sequences": self.active_sequences,
+            "max_batch_seqs": self.max_batch_seqs,
+            "decode_calls": self.decode_calls,
+            "reused_tokens": self.reused_tokens,
+        }
+
+    # -- Backend ---------------------------------------------------------------
+
+    def tokenize(self, text: str, *, add_bos: bool = True, special: bool = False) -> list[int]:
+        self._check_open()
+        return self._vocab.tokenize(text, add_bos=add_bos, special=special)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        """llama_detokenize: BOS/EOS kept, special tokens rendered as nothing."""
+        self._check_open()
+        self._check_ids("ids", ids)
+        return self._vocab.detokenize(ids)
+
+    def stream(self, request: Request) -> Generator[Event, None, None]:
+        """Validate now (raising ``ContextLengthExceeded``/``InvalidRequest`` at the
+        call), then generate lazily: nothing runs until the first ``next``."""
+        self._check_open()
+        prompt = self._prompt_ids(request)
+        if len(prompt) >= self.n_ctx:
+            raise ContextLengthExceeded(len(prompt), self.n_ctx)
+        limit = self.n_ctx - len(prompt)
+        if request.max_tokens is not None:
+            limit = min(limit, request.max_tokens)
+        return self._events(prompt, request, limit)
+
+    def loglikelihood(self, context: str, continuation: str) -> tuple[float, bool]:
+        """lm-evaluation-harness: trailing spaces of the context move to the
+        continuation; context + continuation are tokenized together (BOS where
+        the model adds one) and the continuation is every token past the
+        context's own tokens. An empty context conditions on BOS (else EOS)."""
+        self._check_open()
+        n_context, whole = self._score_tokens(context, continuation)
+        if len(whole) <= n_context:
+            raise InvalidRequest("continuation", "adds no tokens to the context")
+        if len(whole) > self.n_ctx:
+            raise ContextLengthExceeded(len(whole), self.n_ctx)
+        job = ScoreJob(whole, n_context, self._vocab.n_vocab)
+        self._sched.submit(job)
+        try:
+            result = self._sched.next_event(job)
+        finally:
+            self._sched.cancel(job)
+        if isinstance(result, Exception):
+            raise result
+        total, greedy = cast(tuple[float, bool], result)
+        return total, greedy
+
+    def close(self) -> None:
+        """Stop the scheduler (pending requests fail) and free the model."""
+        if self._closed:
+            return
+        self._closed = True
+        self._sched.close()
+        self._free_native()
+
+    def __enter__(self) -> LlamaCppBackend:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- helpers ---------------------------------------------------------------
+
+    def _events(
+        self, prompt: list[int], request: Request, limit: int
+    ) -> Generator[Event, None, None]:
+        job = GenJob(prompt, request, self._vocab, limit)
+        try:
+            self._sched.submit(job)
+        except BaseException:
+            job.free()
+            raise
+        try:
+            while True:
+                event = self._sched.next_event(job)
+                if isinstance(event, Exception):
+                    raise event
+                yield cast(Event, event)
+                if isinstance(event, Finish):
+                    return
+        finally:
+            # Early close (client gone): leave the batch and free the slot now.
+            self._sched.cancel(job)
+
+    def _prompt_ids(self, request: Request) -> list[int]:
+        if isinstance(request.prompt, str):
+            ids = self.tokenize(request.prompt, add_bos=True, special=False)
+        else:
+            ids = list(request.prompt)
+            self._check_ids("prompt", ids)
+        if not ids:
+            raise InvalidRequest("prompt", "must not be empty")
+        return ids
+
+    def _score_tokens(self, context: str, continuation: str) -> tuple[int, list[int]]:
+        if not context:
+            prefix = self._vocab.bos if self._vocab.bos >= 0 else self._vocab.eos
+            return 1, [prefix, *self.tokenize(continuation, add_bos=False)]
+        n_spaces = len(context) - len(context.rstrip())
+        if n_spaces:
+            context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+        n_context = len(self.tokenize(context))
+        return n_context, self.tokenize(context + continuation)
+
+    def _check_open(self) -> None:
+        # The vocabulary lives in the model: using it after close would crash.
+        if self._closed:
+            raise LannerError(f"the model {self.path.name} has been closed")
+
+    def _check_ids(self, field: str, ids: Sequence[int]) -> None:
+        # An out-of-range id would make llama.cpp abort the whole process.
+        n = self._vocab.n_vocab
+        bad = next((i for i in ids if not 0 <= i < n), None)
+        if bad is not None:
+            raise InvalidRequest(field, f"token id {bad} is outside the vocabulary (0-{n - 1})")
+
+    def _read_metadata(self, n_ctx_train: int) -> ModelMetadata:
+        m = self._model
+        return ModelMetadata(
+            architecture=meta_str(m, "general.architecture") or "unknown",
+            chat_template=meta_str(m, "tokenizer.chat_template"),
+            bos_token=self._vocab.text_of(self._vocab.bos),
+            eos_token=self._vocab.text_of(self._vocab.eos),
+            n_ctx_train=n_ctx_train,
+            extra={
+                "name": meta_str(m, "general.name"),
+                "n_params": int(llama_cpp.llama_model_n_params(m)),
+                "size_bytes": int(llama_cpp.llama_model_size(m)),
+                "n_vocab": self._vocab.n_vocab,
+                "file_type": meta_str(m, "general.file_type"),
+            },
+        )
+
+    def _free_native(self) -> None:
+        # The context must go before its model.
+        if self._ctx is not None:
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+        if self._model is not None:
+            llama_cpp.llama_model_free(self._model)
+            self._model = None

@@ -1,0 +1,220 @@
+"""What the llama.cpp scheduler runs: a generation (``GenJob``) or a scoring pass
+(``ScoreJob``, for ``loglikelihood``).
+
+A job owns one KV sequence while it is active. The scheduler feeds ``feed`` into
+the shared batch and calls ``on_output`` for every position at or past
+``first_output``; the job turns those logits into tokens and events (or a score)
+and puts them on ``out`` for the thread that asked. Only the scheduler thread
+calls a job's methods; other threads read ``out`` and set ``cancelled``.
+"""
+
+from __future__ import annotations
+
+import codecs
+import queue
+import threading
+import time
+from typing import Any
+
+import llama_cpp
+import numpy as np
+import numpy.typing as npt
+
+from lanner.engine.textstream import StopBuffer
+from lanner.engine.types import (
+    Finish,
+    FinishReason,
+    Request,
+    TextDelta,
+    Timings,
+    Token,
+    TopLogprob,
+    Usage,
+)
+from lanner.errors import LannerError
+
+from .llamacpp_native import Vocab
+
+# Same window llama-cpp-python gives its penalties sampler (last_n_tokens_size).
+PENALTY_LAST_N = 64
+
+
+class Job:
+    """Tokens for one KV sequence, and what to do with the logits they produce."""
+
+    def __init__(self, tokens: list[int], first_output: int) -> None:
+        self.tokens = tokens
+        """The job's input: its sequence's KV cache holds these first."""
+        self.feed: list[int] = list(tokens)
+        """Tokens still to decode (a reused cached prefix is removed on admission)."""
+        self.first_output = first_output
+        """First position whose logits are needed; a cached prefix is reused only up to it."""
+        self.out: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self.cancelled = False
+        self.done = False
+        self.released = threading.Event()
+        self.submitted = time.perf_counter()
+
+    def on_output(self, ctx: Any, index: int, pos: int) -> None:
+        """Logits for ``pos`` of this sequence are at batch output ``index``."""
+        raise NotImplementedError
+
+    def cut(self) -> None:
+        """The shared KV cache is full: end now."""
+        self.fail(LannerError("the model's context (shared by all requests) is full"))
+
+    def fail(self, error: Exception) -> None:
+        self.done = True
+        self.out.put(error)
+
+    def free(self) -> None:
+        """Release native resources; called once, by the scheduler, when the job leaves."""
+
+
+def logits_row(ctx: Any, index: int, n_vocab: int) -> npt.NDArray[np.float32]:
+    """A view (no copy) of the raw logits at batch output ``index``; valid until
+    the next decode."""
+    ptr = llama_cpp.llama_get_logits_ith(ctx, index)
+    return np.ctypeslib.as_array(ptr, shape=(n_vocab,))
+
+
+def log_softmax(row: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+    x = row.astype(np.float64)
+    x -= x.max()
+    x -= np.log(np.exp(x).sum())
+    return x
+
+
+def top_ids(logprobs: npt.NDArray[np.float64], k: int) -> npt.NDArray[np.intp]:
+    """The ``k`` most likely ids, most likely first; ties go to the lower id,
+    as llama.cpp's greedy sampler breaks them."""
+    idx = np.argpartition(-logprobs, k - 1)[:k]
+    return idx[np.lexsort((idx, -logprobs[idx]))]
+
+
+def sampler_chain(request: Request, n_vocab: int) -> Any:
+    """llama-cpp-python's chain for the same settings: penalties, then greedy, or
+    top-k, top-p, min-p, temperature and a seeded draw. Penalties look at the
+    last 64 generated tokens (not the prompt), as llama-cpp-python's do."""
+    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+
+    def add(sampler: Any) -> None:
+        llama_cpp.llama_sampler_chain_add(chain, sampler)
+
+    r = request
+    if (r.repetition_penalty, r.frequency_penalty, r.presence_penalty) != (1.0, 0.0, 0.0):
+        add(llama_cpp.llama_sampler_init_penalties(
+            n_vocab, PENALTY_LAST_N, r.repetition_penalty, r.frequency_penalty, r.presence_penalty
+        ))
+    if r.greedy:
+        add(llama_cpp.llama_sampler_init_greedy())
+        return chain
+    if r.top_k > 0:
+        add(llama_cpp.llama_sampler_init_top_k(r.top_k))
+    add(llama_cpp.llama_sampler_init_top_p(r.top_p, 1))
+    add(llama_cpp.llama_sampler_init_min_p(r.min_p, 1))
+    add(llama_cpp.llama_sampler_init_temp(r.temperature))
+    seed = llama_cpp.LLAMA_DEFAULT_SEED if r.seed is None else r.seed  # default: random
+    add(llama_cpp.llama_sampler_init_dist(seed))
+    return chain
+
+
+class GenJob(Job):
+    """One ``stream`` request: sample with its own chain, emit safe text deltas."""
+
+    def __init__(self, prompt: list[int], request: Request, vocab: Vocab, limit: int) -> None:
+        super().__init__(prompt, len(prompt) - 1)
+        self.request = request
+        self.vocab = vocab
+        self.limit = limit
+        """Most tokens to generate: max_tokens, or what is left of the context."""
+        self.chain: Any = sampler_chain(request, vocab.n_vocab)
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.buffer = StopBuffer(request.stop)
+        self.n_generated = 0
+        self.ttft: float | None = None
+
+    def on_output(self, ctx: Any, index: int, pos: int) -> None:
+        token_id: int = llama_cpp.llama_sampler_sample(self.chain, ctx, index)
+        if self.ttft is None:
+            self.ttft = time.perf_counter() - self.submitted
+        if self.vocab.is_eog(token_id):
+            # Like llama-cpp-python: the end-of-generation token is neither shown
+            # nor counted in completion_tokens.
+            self._finish("stop")
+            return
+        self.n_generated += 1
+        # Incremental decoding: a character split across tokens comes out whole.
+        text = self.decoder.decode(self.vocab.piece(token_id))
+        token = self._token(token_id, text, ctx, index)
+        self._emit(self.buffer.push(text, token))
+        if self.buffer.hit:
+            self._finish("stop", flush=False)
+        elif self.n_generated >= self.limit:
+            self._finish("length")
+        else:
+            self.feed.append(token_id)
+
+    def cut(self) -> None:
+        self._finish("length")
+
+    def free(self) -> None:
+        if self.chain is not None:
+            llama_cpp.llama_sampler_free(self.chain)
+            self.chain = None
+
+    def _token(self, token_id: int, text: str, ctx: Any, index: int) -> Token:
+        if not self.request.wants_logprobs:
+            return Token(token_id, text)
+        # Log-softmax of the raw logits, before penalties/temperature/truncation:
+        # what OpenAI and llama.cpp report.
+        lp = log_softmax(logits_row(ctx, index, self.vocab.n_vocab))
+        top: tuple[TopLogprob, ...] = ()
+        if self.request.top_logprobs:
+            top = tuple(
+                TopLogprob(self.vocab.piece(int(i)).decode("utf-8", "replace"),
+                           float(lp[i]), int(i))
+                for i in top_ids(lp, self.request.top_logprobs)
+            )
+        return Token(token_id, text, float(lp[token_id]), top)
+
+    def _emit(self, delta: TextDelta | None) -> None:
+        if delta is not None:
+            self.out.put(delta)
+
+    def _finish(self, reason: FinishReason, flush: bool = True) -> None:
+        if flush:
+            tail = self.decoder.decode(b"", final=True)
+            if tail:
+                self._emit(self.buffer.push(tail))
+            if self.buffer.hit:
+                reason = "stop"
+            else:
+                self._emit(self.buffer.flush())
+        total = time.perf_counter() - self.submitted
+        usage = Usage(prompt_tokens=len(self.tokens), completion_tokens=self.n_generated)
+        self.out.put(Finish(reason, usage, Timings(self.ttft if self.ttft is not None else total,
+                                                   total)))
+        self.done = True
+
+
+class ScoreJob(Job):
+    """Sum of log P(token | everything before) over ``whole[n_context:]``, and
+    whether each of those tokens is the argmax (lm-evaluation-harness)."""
+
+    def __init__(self, whole: list[int], n_context: int, n_vocab: int) -> None:
+        # The last token is only a target: its own logits are never needed.
+        super().__init__(whole[:-1], n_context - 1)
+        self.targets = whole
+        self.n_vocab = n_vocab
+        self.total = 0.0
+        self.greedy = True
+
+    def on_output(self, ctx: Any, index: int, pos: int) -> None:
+        row = logits_row(ctx, index, self.n_vocab)
+        target = self.targets[pos + 1]
+        self.total += float(log_softmax(row)[target])
+        self.greedy = self.greedy and int(np.argmax(row)) == target
+        if pos + 2 == len(self.targets):
+            self.out.put((self.total, self.greedy))
+            self.done = True

@@ -1,0 +1,208 @@
+"""Thin, typed wrappers over llama.cpp's C API (through llama-cpp-python's ctypes).
+
+Everything that touches a raw llama.cpp pointer outside the scheduler lives here:
+quiet logging, loading a GGUF with errors Lanner can show, creating the context,
+reading metadata, and the vocabulary (tokenize, detokenize, token pieces).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import threading
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+
+from lanner.errors import ModelLoadError, ModelNotFound
+
+_GGML_LOG_LEVEL_ERROR = 4
+_GGML_LOG_LEVEL_CONT = 5
+_errors: deque[str] = deque(maxlen=8)
+_last_level = 0
+_init_lock = threading.Lock()
+_initialised = False
+
+
+@llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]
+def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    """Print nothing; keep the last error lines so a failed load can say why."""
+    global _last_level
+    if level != _GGML_LOG_LEVEL_CONT:
+        _last_level = level
+    if _last_level == _GGML_LOG_LEVEL_ERROR:
+        _errors.append(text.decode("utf-8", errors="replace").strip())
+
+
+def init_llama() -> None:
+    """Once per process: silence llama.cpp's stderr chatter and init its backends.
+
+    The log callback is process-wide; llama-cpp-python's own ``Llama`` objects
+    created later in the same process are quiet too.
+    """
+    global _initialised
+    with _init_lock:
+        if _initialised:
+            return
+        llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
+        llama_cpp.llama_backend_init()
+        _initialised = True
+
+
+def _load_failure(path: Path) -> ModelLoadError:
+    generic = ("failed to load model", "error loading model: llama_model_loader")
+    reasons = [line for line in _errors if line and not any(g in line for g in generic)]
+    reason = reasons[0] if reasons else "llama.cpp could not read it"
+    # "gguf_init_from_reader: invalid magic ..." -> "invalid magic ..."
+    reason = re.sub(r"^(\w+: )+", "", reason).removeprefix("error loading model: ")
+    return ModelLoadError(f"cannot load {path}: {reason}")
+
+
+def load_model(path: Path, *, n_gpu_layers: int = 0, use_mmap: bool = True) -> Any:
+    """Open a GGUF file; ModelNotFound if it is missing, ModelLoadError if unreadable.
+
+    llama.cpp validates the file and returns NULL on a corrupt or truncated one;
+    the reason comes from its (captured) error log.
+    """
+    init_llama()
+    if not path.exists():
+        raise ModelNotFound(f"no such model file: {path}")
+    if not path.is_file():
+        raise ModelLoadError(f"cannot load {path}: not a file")
+    try:
+        with path.open("rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise ModelLoadError(f"cannot load {path}: {e.strerror}") from e
+    if magic != b"GGUF":
+        raise ModelLoadError(f"cannot load {path}: not a GGUF file (bad magic bytes)")
+    params = llama_cpp.llama_model_default_params()
+    params.n_gpu_layers = n_gpu_layers
+    params.load_mode = (
+        llama_cpp.LLAMA_LOAD_MODE_MMAP if use_mmap else llama_cpp.LLAMA_LOAD_MODE_NONE
+    )
+    with _init_lock:
+        _errors.clear()
+        model = llama_cpp.llama_model_load_from_file(str(path).encode("utf-8"), params)
+        if not model:
+            raise _load_failure(path)
+    return model
+
+
+@dataclass(frozen=True, slots=True)
+class ContextConfig:
+    n_ctx: int
+    n_batch: int
+    n_ubatch: int
+    n_seq_max: int
+    n_threads: int
+    flash_attn: bool
+
+
+def create_context(model: Any, cfg: ContextConfig, path: Path) -> Any:
+    """One llama_context whose KV cache is shared by up to ``n_seq_max`` sequences.
+
+    ``kv_unified``: every sequence may use up to ``n_ctx`` positions, all of them
+    together at most ``n_ctx`` cells (llama-server's layout for parallel slots).
+    """
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx = cfg.n_ctx
+    params.n_batch = cfg.n_batch
+    params.n_ubatch = min(cfg.n_ubatch, cfg.n_batch)
+    params.n_seq_max = cfg.n_seq_max
+    params.n_threads = cfg.n_threads
+    params.n_threads_batch = cfg.n_threads
+    params.kv_unified = True
+    # Flash attention (the default, see LlamaCppBackend) skips other sequences'
+    # masked cells instead of summing their zeros, so a sequence's numbers do not
+    # depend on where its cells lie in the shared cache: batched == alone.
+    params.flash_attn_type = (
+        llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        if cfg.flash_attn
+        else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    )
+    with _init_lock:
+        _errors.clear()
+        ctx = llama_cpp.llama_init_from_model(model, params)
+        if not ctx:
+            reason = _errors[-1] if _errors else "llama.cpp could not create a context"
+            raise ModelLoadError(f"cannot load {path}: {reason}")
+    return ctx
+
+
+def meta_str(model: Any, key: str) -> str | None:
+    """One GGUF metadata value as text (arrays are not exposed by llama.cpp)."""
+    size = 1024
+    while True:
+        buf = ctypes.create_string_buffer(size)
+        n = llama_cpp.llama_model_meta_val_str(model, key.encode("utf-8"), buf, size)
+        if n < 0:
+            return None
+        if n < size:
+            return buf.value.decode("utf-8", errors="replace")
+        size = n + 1
+
+
+class Vocab:
+    """Tokenizer of a loaded model, with llama.cpp's exact semantics."""
+
+    def __init__(self, model: Any) -> None:
+        self.ptr = llama_cpp.llama_model_get_vocab(model)
+        self.n_vocab: int = llama_cpp.llama_vocab_n_tokens(self.ptr)
+        self.bos: int = llama_cpp.llama_vocab_bos(self.ptr)
+        self.eos: int = llama_cpp.llama_vocab_eos(self.ptr)
+        self._pieces: dict[int, bytes] = {}
+        self._lock = threading.Lock()
+
+    def text_of(self, token: int) -> str | None:
+        """The vocabulary entry of a token id (e.g. ``<|im_end|>``); None for -1."""
+        if token < 0:
+            return None
+        raw: bytes = llama_cpp.llama_vocab_get_text(self.ptr, token)
+        return raw.decode("utf-8", errors="replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self.ptr, token))
+
+    def tokenize(self, text: str, *, add_bos: bool, special: bool) -> list[int]:
+        """llama_tokenize: ``add_bos`` adds BOS (and EOS) only where the model
+        asks for them; ``special`` parses special-token text into ids."""
+        data = text.encode("utf-8")
+        size = len(data) + 8
+        while True:
+            buf = (llama_cpp.llama_token * size)()
+            n = llama_cpp.llama_tokenize(self.ptr, data, len(data), buf, size, add_bos, special)
+            if n >= 0:
+                return list(buf[:n])
+            size = -n
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        """llama_detokenize, keeping BOS/EOS and rendering special tokens as nothing."""
+        arr = (llama_cpp.llama_token * len(ids))(*ids)
+        size = 8 * len(ids) + 16
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = llama_cpp.llama_detokenize(self.ptr, arr, len(ids), buf, size, False, False)
+            if n >= 0:
+                return buf.raw[:n].decode("utf-8", errors="replace")
+            size = -n
+
+    def piece(self, token: int) -> bytes:
+        """The bytes one token adds to generated text (special tokens: none)."""
+        cached = self._pieces.get(token)
+        if cached is not None:
+            return cached
+        size = 64
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = llama_cpp.llama_token_to_piece(self.ptr, token, buf, size, 0, False)
+            if n >= 0:
+                break
+            size = -n
+        with self._lock:
+            self._pieces[token] = buf.raw[:n]
+        return buf.raw[:n]

@@ -1,0 +1,297 @@
+"""Continuous batching over one llama.cpp context.
+
+One thread owns the context. Each step it builds one batch: the next token of
+every generating sequence first, then prompt chunks of sequences still
+prefilling, up to ``n_batch`` tokens; one ``llama_decode`` runs them all over the
+shared KV cache, then each job samples from its own rows. Requests join and
+leave between steps; more than ``n_seq_max`` wait in a FIFO queue.
+
+A finished sequence's KV stays in its slot as a prefix cache: a new request
+starting with the same tokens (the next turn of a chat) takes that slot and
+decodes only the rest. Idle caches are evicted (least recently used first) when
+the cells are needed.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import llama_cpp
+
+from lanner.errors import LannerError
+
+from .llamacpp_jobs import Job
+
+_CANCEL_WAIT_S = 30.0
+
+
+@dataclass(eq=False)
+class Slot:
+    """One KV sequence id; ``tokens`` is exactly what its cache holds, by position."""
+
+    seq_id: int
+    tokens: list[int] = field(default_factory=list)
+    job: Job | None = None
+    last_used: float = 0.0
+
+
+class _Batch:
+    """A reusable llama_batch: one sequence id per token."""
+
+    def __init__(self, capacity: int) -> None:
+        self.raw = llama_cpp.llama_batch_init(capacity, 0, 1)
+        # Pointer objects cached once: attribute access on the struct allocates.
+        self._token, self._pos = self.raw.token, self.raw.pos
+        self._n_seq, self._seq, self._out = self.raw.n_seq_id, self.raw.seq_id, self.raw.logits
+        self.n = 0
+
+    def add(self, token: int, pos: int, seq_id: int, output: bool) -> None:
+        i = self.n
+        self._token[i] = token
+        self._pos[i] = pos
+        self._n_seq[i] = 1
+        self._seq[i][0] = seq_id
+        self._out[i] = output
+        self.n = i + 1
+
+    def free(self) -> None:
+        llama_cpp.llama_batch_free(self.raw)
+
+
+def common_prefix(a: list[int], b: list[int], cap: int) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if n >= cap or x != y:
+            break
+        n += 1
+    return n
+
+
+class Scheduler:
+    """Owns the llama.cpp context from its own thread; other threads submit jobs."""
+
+    def __init__(self, ctx: Any, *, n_ctx: int, n_batch: int, n_seq_max: int) -> None:
+        self.ctx = ctx
+        self.mem = llama_cpp.llama_get_memory(ctx)
+        self.n_ctx = n_ctx
+        self.n_batch = n_batch
+        self.slots = [Slot(i) for i in range(n_seq_max)]
+        self.waiting: deque[Job] = deque()
+        self.active: list[Job] = []
+        self.max_batch_seqs = 0
+        """Most sequences decoded together in one llama_decode call so far."""
+        self.decode_calls = 0
+        self.reused_tokens = 0
+        """Prompt tokens not decoded again because a slot's cache held them."""
+        self._slot_of: dict[Job, Slot] = {}
+        self._cv = threading.Condition()
+        self._closing = False
+        self._batch = _Batch(n_batch)
+        self.thread = threading.Thread(target=self._run, name="lanner-llama.cpp", daemon=True)
+        self.thread.start()
+
+    # -- any thread -----------------------------------------------------------
+
+    def submit(self, job: Job) -> None:
+        with self._cv:
+            if self._closing:
+                raise LannerError("the llama.cpp model is closed")
+            job.submitted = time.perf_counter()
+            self.waiting.append(job)
+            self._cv.notify()
+
+    def cancel(self, job: Job) -> None:
+        """Make ``job`` leave; returns once its slot is free (at the next step)."""
+        with self._cv:
+            if job in self.waiting:
+                self.waiting.remove(job)
+                job.free()
+                job.released.set()
+            job.cancelled = True
+            self._cv.notify()
+        # Never wait on ourselves (a generator finalised on the scheduler thread).
+        if threading.current_thread() is not self.thread:
+            job.released.wait(_CANCEL_WAIT_S)
+
+    def next_event(self, job: Job) -> object:
+        """The job's next output; raises if the scheduler thread died."""
+        while True:
+            try:
+                return job.out.get(timeout=0.5)
+            except queue.Empty:
+                if not self.thread.is_alive():
+                    raise LannerError("the llama.cpp scheduler has stopped") from None
+
+    def close(self) -> None:
+        with self._cv:
+            self._closing = True
+            self._cv.notify()
+        if threading.current_thread() is not self.thread:
+            self.thread.join()
+
+    # -- scheduler thread -----------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while self._wait_for_work():
+                try:
+                    self._step()
+                except Exception as e:  # a bug must not leave callers waiting forever
+                    self._fail(list(self.active), LannerError(f"llama.cpp step failed: {e}"))
+        finally:
+            self._shutdown()
+
+    def _wait_for_work(self) -> bool:
+        with self._cv:
+            while True:
+                self._reap()
+                self._admit()
+                if self._closing:
+                    return False
+                if self.active:
+                    return True
+                self._cv.wait()
+
+    def _admit(self) -> None:
+        """Move waiting jobs into free slots while their prompts fit (FIFO)."""
+        while self.waiting:
+            job = self.waiting[0]
+            idle = [s for s in self.slots if s.job is None]
+            if not idle:
+                return
+            slot = max(idle, key=lambda s: (common_prefix(s.tokens, job.tokens, job.first_output),
+                                            -len(s.tokens), -s.last_used))
+            reuse = common_prefix(slot.tokens, job.tokens, job.first_output)
+            # Its cached prefix turns from idle (evictable) into held cells too.
+            if len(job.tokens) > self._unreserved_cells():
+                return
+            self.waiting.popleft()
+            self._attach(job, slot, reuse)
+
+    def _attach(self, job: Job, slot: Slot, reuse: int) -> None:
+        if len(slot.tokens) > reuse:
+            # Some memories (recurrent, sliding window) cannot drop a suffix.
+            if not llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, reuse, -1):
+                llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
+                reuse = 0
+            del slot.tokens[reuse:]
+        job.feed = job.tokens[reuse:]
+        self.reused_tokens += reuse
+        slot.job = job
+        self._slot_of[job] = slot
+        self.active.append(job)
+
+    def _unreserved_cells(self) -> int:
+        """Cells neither held by active sequences nor promised to their prompts."""
+        held = sum(len(s.tokens) for s in self.slots if s.job is not None)
+        return self.n_ctx - held - sum(len(j.feed) for j in self.active)
+
+    def _room(self, want: int) -> int:
+        """Up to ``want`` free KV cells, evicting idle prefix caches if needed."""
+        free = self.n_ctx - sum(len(s.tokens) for s in self.slots)
+        if free >= want:
+            return want
+        idle = sorted((s for s in self.slots if s.job is None and s.tokens),
+                      key=lambda s: s.last_used)
+        while free < want and idle:
+            slot = idle.pop(0)
+            llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
+            free += len(slot.tokens)
+            slot.tokens = []
+        return max(0, min(want, free))
+
+    def _step(self) -> None:
+        plan = self._plan()
+        if not plan:
+            # Nothing fits (only possible if the context is full of active work).
+            for job in self.active:
+                if not (job.done or job.cancelled):
+                    job.cut()
+            self._reap()
+            return
+        try:
+            self._decode(len(plan))
+        except LannerError as e:
+            self._fail([job for job, _, _, _ in plan], e)
+            return
+        for job, slot, n, start in plan:
+            base = len(slot.tokens)
+            slot.tokens.extend(job.feed[:n])
+            del job.feed[:n]
+            for i in range(n):
+                if job.cancelled or job.done:
+                    break
+                if base + i >= job.first_output:
+                    job.on_output(self.ctx, start + i, base + i)
+        self._reap()
+
+    def _plan(self) -> list[tuple[Job, Slot, int, int]]:
+        """Fill the batch: generating sequences first (one token each), then
+        prompt chunks. Returns (job, slot, tokens taken, first batch index)."""
+        batch = self._batch
+        batch.n = 0
+        plan: list[tuple[Job, Slot, int, int]] = []
+        for job in sorted(self.active, key=lambda j: len(j.feed) > 1):
+            budget = self.n_batch - batch.n
+            if job.done or job.cancelled or not job.feed or budget == 0:
+                continue
+            slot = self._slot_of[job]
+            n = self._room(min(budget, len(job.feed)))
+            if n == 0:
+                if len(slot.tokens) >= len(job.tokens):  # generating: no cell for its next token
+                    job.cut()
+                continue
+            start, base = batch.n, len(slot.tokens)
+            for i, token in enumerate(job.feed[:n]):
+                batch.add(token, base + i, slot.seq_id, base + i >= job.first_output)
+            plan.append((job, slot, n, start))
+        return plan
+
+    def _decode(self, n_seqs: int) -> None:
+        self._batch.raw.n_tokens = self._batch.n
+        rc = llama_cpp.llama_decode(self.ctx, self._batch.raw)
+        if rc == 1:  # no KV slot: our cell accounting should prevent it; free all idle caches
+            self._room(self.n_ctx)
+            rc = llama_cpp.llama_decode(self.ctx, self._batch.raw)
+        if rc != 0:
+            raise LannerError(f"llama_decode failed (code {rc})")
+        self.decode_calls += 1
+        self.max_batch_seqs = max(self.max_batch_seqs, n_seqs)
+
+    def _reap(self) -> None:
+        for job in [j for j in self.active if j.done or j.cancelled]:
+            slot = self._slot_of.pop(job)
+            slot.job = None
+            slot.last_used = time.monotonic()
+            self.active.remove(job)
+            job.free()
+            job.released.set()
+
+    def _fail(self, jobs: list[Job], error: LannerError) -> None:
+        """End ``jobs`` with ``error``; their KV is dropped (it may be half-written)."""
+        for job in jobs:
+            slot = self._slot_of.get(job)
+            if slot is not None:
+                llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
+                slot.tokens = []
+            if not job.done:
+                job.fail(error)
+        self._reap()
+
+    def _shutdown(self) -> None:
+        with self._cv:
+            self._closing = True
+            waiting = list(self.waiting)
+            self.waiting.clear()
+        error = LannerError("the llama.cpp model was closed")
+        for job in waiting:
+            job.fail(error)
+            job.free()
+            job.released.set()
+        self._fail(list(self.active), error)
+        self._batch.free()
