@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from datetime import datetime, timezone
 from typing import Any
 
@@ -50,14 +50,14 @@ class ChatSession:
         self.messages = self._start()
         self.conversation_id = self._new_conversation()
 
-    def send(self, text: str, **options: Any) -> Iterator[Event]:
+    def send(self, text: str, **options: Any) -> Generator[Event, None, None]:
         messages = [*self.messages, {"role": "user", "content": text}]
         request = self.model.chat_request(messages, **{**self.options, **options})
         parts: list[str] = []
         yield from self._run(request, parts, text, messages)
         self.messages = [*messages, {"role": "assistant", "content": "".join(parts)}]
 
-    def complete(self, prompt: str, **options: Any) -> Iterator[Event]:
+    def complete(self, prompt: str, **options: Any) -> Generator[Event, None, None]:
         """A raw completion (no chat template), logged like a turn."""
         request = self.model.completion_request(prompt, **{**self.options, **options})
         yield from self._run(request, [], prompt, [], raw=True)
@@ -65,7 +65,7 @@ class ChatSession:
     def _run(
         self, request: Request, parts: list[str], text: str,
         messages: list[dict[str, Any]], raw: bool = False,
-    ) -> Iterator[Event]:
+    ) -> Generator[Event, None, None]:
         start = time.perf_counter()
         first: float | None = None
         finish: Finish | None = None
