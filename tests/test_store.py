@@ -64,11 +64,13 @@ def _migrations(db: Path) -> list[tuple[int, str]]:
 
 
 def test_migrations_apply_once_and_are_recorded(db: Path) -> None:
+    known = migrate.known_migrations()
+    assert [m.name for m in known][0] == "0001_initial"
     with Store(db) as first:
-        assert first.applied == ["0001_initial"]
+        assert first.applied == [m.name for m in known]
     with Store(db) as again:
         assert again.applied == []
-    assert _migrations(db) == [(1, "0001_initial")]
+    assert _migrations(db) == [(m.id, m.name) for m in known]
     with sqlite3.connect(db) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
@@ -78,7 +80,7 @@ def test_migrations_apply_once_and_are_recorded(db: Path) -> None:
 def test_newer_schema_is_refused(db: Path) -> None:
     Store(db).close()
     with sqlite3.connect(db) as conn:
-        conn.execute("INSERT INTO _migrations VALUES (2, '0002_future', 'x')")
+        conn.execute("INSERT INTO _migrations VALUES (99, '0099_future', 'x')")
     with pytest.raises(StoreError, match="newer than this Lanner knows"):
         Store(db)
 
@@ -103,11 +105,12 @@ def test_a_failing_migration_leaves_the_previous_schema(
 ) -> None:
     Store(db).close()
     shipped = migrate.known_migrations()
-    broken = migrate.Migration(2, "0002_broken", "CREATE TABLE half (x);\nNOT SQL AT ALL;")
+    n = len(shipped) + 1
+    broken = migrate.Migration(n, f"{n:04d}_broken", "CREATE TABLE half (x);\nNOT SQL AT ALL;")
     monkeypatch.setattr(migrate, "known_migrations", lambda: [*shipped, broken])
-    with pytest.raises(StoreError, match="0002_broken failed"):
+    with pytest.raises(StoreError, match=f"{n:04d}_broken failed"):
         Store(db)
-    assert _migrations(db) == [(1, "0001_initial")]
+    assert _migrations(db) == [(m.id, m.name) for m in shipped]
     with sqlite3.connect(db) as conn:
         assert conn.execute("SELECT name FROM sqlite_master WHERE name='half'").fetchone() is None
 

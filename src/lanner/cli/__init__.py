@@ -11,7 +11,10 @@ from collections.abc import Sequence
 from lanner import __version__
 from lanner.errors import LannerError
 
-VERBS = ("run", "chat", "models", "chat_format", "logs", "serve")
+VERBS = (
+    "run", "chat", "models", "chat_format", "logs", "serve",
+    "ingest", "ask", "collections", "forget",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
