@@ -16,6 +16,7 @@ from types import TracebackType
 from typing import Any, cast
 
 from lanner.backends.base import ModelMetadata
+from lanner.engine.constrain import Matcher
 from lanner.engine.types import Event, Finish, Request
 from lanner.errors import BackendUnavailable, ContextLengthExceeded, InvalidRequest, LannerError
 
@@ -96,6 +97,7 @@ class LlamaCppBackend:
         self.path = Path(path)
         self._closed = False
         self._ctx: Any = None
+        self._ll_tokenizer: Any = None
         self._model = load_model(self.path, n_gpu_layers=opts["n_gpu_layers"],
                                  use_mmap=opts["use_mmap"])
         try:
@@ -224,7 +226,10 @@ class LlamaCppBackend:
     def _events(
         self, prompt: list[int], request: Request, limit: int
     ) -> Generator[Event, None, None]:
-        job = GenJob(prompt, request, self._vocab, limit)
+        matcher = None
+        if request.constraint is not None:  # compiled here, not in the scheduler thread
+            matcher = Matcher(self._grammar_tokenizer(), request.constraint, self._vocab.n_vocab)
+        job = GenJob(prompt, request, self._vocab, limit, matcher)
         try:
             self._sched.submit(job)
         except BaseException:
@@ -241,6 +246,16 @@ class LlamaCppBackend:
         finally:
             # Early close (client gone): leave the batch and free the slot now.
             self._sched.cancel(job)
+
+    def _grammar_tokenizer(self) -> Any:
+        """llguidance's view of this vocabulary (built once: ~1 s for 49k tokens)."""
+        if self._ll_tokenizer is None:
+            from llguidance.llamacpp import lltokenizer_from_vocab
+
+            eog = [t for t in (self._vocab.eos, llama_cpp.llama_vocab_eot(self._vocab.ptr))
+                   if t >= 0]
+            self._ll_tokenizer = lltokenizer_from_vocab(self._vocab.ptr, eos_token=eog)
+        return self._ll_tokenizer
 
     def _prompt_ids(self, request: Request) -> list[int]:
         if isinstance(request.prompt, str):

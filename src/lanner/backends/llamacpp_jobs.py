@@ -20,6 +20,7 @@ import llama_cpp
 import numpy as np
 import numpy.typing as npt
 
+from lanner.engine.constrain import Matcher
 from lanner.engine.textstream import StopBuffer
 from lanner.engine.types import (
     Finish,
@@ -122,9 +123,12 @@ def sampler_chain(request: Request, n_vocab: int) -> Any:
 class GenJob(Job):
     """One ``stream`` request: sample with its own chain, emit safe text deltas."""
 
-    def __init__(self, prompt: list[int], request: Request, vocab: Vocab, limit: int) -> None:
+    def __init__(self, prompt: list[int], request: Request, vocab: Vocab, limit: int,
+                 matcher: Matcher | None = None) -> None:
         super().__init__(prompt, len(prompt) - 1)
         self.request = request
+        self.matcher = matcher
+        """Constrained decoding: masks the logits before each sample."""
         self.vocab = vocab
         self.limit = limit
         """Most tokens to generate: max_tokens, or what is left of the context."""
@@ -135,7 +139,16 @@ class GenJob(Job):
         self.ttft: float | None = None
 
     def on_output(self, ctx: Any, index: int, pos: int) -> None:
+        if self.matcher is not None:
+            # The sampler chain reads llama.cpp's logits buffer: mask it in place.
+            self.matcher.mask_logits(logits_row(ctx, index, self.vocab.n_vocab))
         token_id: int = llama_cpp.llama_sampler_sample(self.chain, ctx, index)
+        if self.matcher is not None and not self.vocab.is_eog(token_id):
+            try:
+                self.matcher.accept(token_id)
+            except LannerError as e:
+                self.fail(e)
+                return
         if self.ttft is None:
             self.ttft = time.perf_counter() - self.submitted
         if self.vocab.is_eog(token_id):
@@ -150,6 +163,8 @@ class GenJob(Job):
         self._emit(self.buffer.push(text, token))
         if self.buffer.hit:
             self._finish("stop", flush=False)
+        elif self.matcher is not None and self.matcher.finished:
+            self._finish("stop")  # the grammar admits nothing more
         elif self.n_generated >= self.limit:
             self._finish("length")
         else:

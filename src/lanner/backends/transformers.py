@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from lanner.backends import hf_sampling
 from lanner.backends.base import ModelMetadata
 from lanner.backends.gguf_convert import converted_folder, read_manifest
+from lanner.engine.constrain import Matcher
 from lanner.engine.textstream import StopBuffer
 from lanner.engine.types import (
     Event,
@@ -80,6 +81,7 @@ class TransformersBackend:
         self._bos_id: int | None = self.tokenizer.bos_token_id
         self._adds_bos = self._bos_id is not None and _adds_bos(self.tokenizer, self._bos_id)
         self._vocab_size = int(self.model.get_input_embeddings().num_embeddings)
+        self._ll_tokenizer: Any = None
         self._cache_kwarg = _cache_kwarg(self.model)
         self._keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
 
@@ -132,6 +134,15 @@ class TransformersBackend:
         limit = room if request.max_tokens is None else min(room, request.max_tokens)
         return self._generate(request, prompt_ids, limit)
 
+    def _grammar_tokenizer(self) -> Any:
+        """llguidance's view of the vocabulary, built once."""
+        if self._ll_tokenizer is None:
+            from llguidance.hf import from_tokenizer
+
+            self._ll_tokenizer = from_tokenizer(self.tokenizer, n_vocab=self._vocab_size,
+                                                eos_token=sorted(self._eos_ids))
+        return self._ll_tokenizer
+
     def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
             ids = self.tokenize(prompt, add_bos=True, special=False)
@@ -151,6 +162,9 @@ class TransformersBackend:
     ) -> Generator[Event, None, None]:
         start = time.perf_counter()
         state = _Decoding.start(request, prompt_ids, limit, self.device)
+        if request.constraint is not None:
+            state.matcher = Matcher(self._grammar_tokenizer(), request.constraint,
+                                    self._vocab_size)
         detok = IncrementalDetokenizer(self.detokenize, prompt_ids[-_DETOK_CONTEXT:])
         stops = StopBuffer(request.stop)
         reason: FinishReason = "length"
@@ -166,10 +180,12 @@ class TransformersBackend:
                     break
                 n += 1
                 state.append(token_id)
+                if state.matcher is not None:
+                    state.matcher.accept(token_id)
                 token = self._token(token_id, detok.push(token_id), logprob, top)
                 if delta := stops.push(token.text, token):
                     yield delta
-                if stops.hit:
+                if stops.hit or (state.matcher is not None and state.matcher.finished):
                     reason = "stop"
                     break
                 if n >= limit:
@@ -215,6 +231,9 @@ class TransformersBackend:
         """The next token id, its logprob and the top alternatives (from the raw
         logits, before penalties and temperature), when the request asks."""
         processed = hf_sampling.apply_processors(logits, state.tokens(), state.processors)
+        if state.matcher is not None:
+            allowed = torch.from_numpy(state.matcher.allowed()).to(processed.device)
+            processed = processed.masked_fill(~allowed, float("-inf"))
         token_id = int(state.sampler(processed))
         if not state.request.wants_logprobs:
             return token_id, None, []
@@ -288,6 +307,7 @@ class _Decoding:
     processors: list[hf_sampling.LogitsProcessor]
     history: torch.Tensor  # (prompt + limit,) int64
     length: int
+    matcher: Matcher | None = None
 
     @classmethod
     def start(

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 from lanner import paths
+from lanner.engine import constrain
 from lanner.engine.engine import Engine
 from lanner.engine.model import Model
 from lanner.engine.registry import DEFAULT_MODEL
+from lanner.engine.types import Constraint
+from lanner.errors import InvalidRequest
 from lanner.store import Store
 
 _SAMPLING = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "max_tokens")
@@ -40,6 +44,8 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
                    help="stop before this text (repeatable)")
     g.add_argument("--show-probs", nargs="?", const=5, type=int, metavar="N",
                    help="show each token's probability and its top N alternatives")
+    g.add_argument("--schema", metavar="FILE|JSON",
+                   help="constrain the output to this JSON schema (a file or inline JSON)")
     g.add_argument("--no-log", action="store_true", help="do not log this to the database")
 
 
@@ -52,7 +58,22 @@ def sampling_options(args: argparse.Namespace) -> dict[str, Any]:
     if args.show_probs is not None:
         options["logprobs"] = True
         options["top_logprobs"] = args.show_probs
+    if args.schema:
+        options["constraint"] = schema_constraint(args.schema)
     return options
+
+
+def schema_constraint(value: str) -> Constraint:
+    """``--schema`` takes a path to a JSON file or the JSON itself."""
+    text = value
+    if not value.lstrip().startswith("{"):
+        path = Path(value)
+        if not path.is_file():
+            raise InvalidRequest("--schema", f"no such file: {value} (or give inline JSON)")
+        text = path.read_text()
+    constraint = constrain.json_schema(text, field="--schema")
+    constrain.check(constraint)
+    return constraint
 
 
 def load_model(args: argparse.Namespace, name: str | None) -> Model:

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lanner.errors import ModelNotFound
+from lanner.errors import LannerError, ModelNotFound
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,12 +88,80 @@ def bundled_path(name: str) -> Path | None:
     return next(iter(sorted(root.rglob("*.gguf"))), None)
 
 
+def index_path(home: Path) -> Path:
+    """The registry file: ``{name: {"path", "license", "source", ...}}``."""
+    return home / "models.json"
+
+
 def _home_entries(home: Path) -> dict[str, dict[str, str]]:
-    index = home / "models.json"
+    """The registry's entries; a missing file is empty, a damaged one a LannerError
+    naming the file (so that no writer ever silently replaces what it holds)."""
+    index = index_path(home)
     if not index.exists():
         return {}
-    data: dict[str, dict[str, str]] = json.loads(index.read_text())
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LannerError(f"cannot read the model registry {index}: {exc} "
+                          "(fix or remove the file)") from exc
+    well_formed = isinstance(data, dict) and all(
+        isinstance(e, dict) and isinstance(e.get("path"), str) for e in data.values())
+    if not well_formed:
+        raise LannerError(f"the model registry {index} is not a JSON object of "
+                          '{name: {"path": ...}} entries (fix or remove the file)')
     return data
+
+
+def registered(home: Path) -> dict[str, dict[str, str]]:
+    """The entries of ``<home>/models.json`` (see ``_home_entries``)."""
+    return _home_entries(home)
+
+
+def check_name(name: str) -> None:
+    """Raise LannerError unless ``name`` can be a registry entry's name."""
+    if name in BUNDLED:
+        raise LannerError(f"{name!r} is a bundled model's name; choose another name")
+    if not name.strip() or "/" in name or "\\" in name or name.endswith(".gguf"):
+        raise LannerError(f"{name!r} is not a usable model name (no '/', no .gguf ending)")
+
+
+def add_entry(home: Path, name: str, entry: dict[str, str], *, replace: bool = False) -> None:
+    """Record ``name`` in models.json, keeping every other entry.
+
+    Refuses a bundled name, and an existing name unless ``replace``. The file is
+    written to a temporary file and renamed, so a crash never leaves half a file.
+    """
+    check_name(name)
+    entries = _home_entries(home)
+    if name in entries and not replace:
+        raise LannerError(f"a model named {name!r} is already registered "
+                          f"(at {entries[name]['path']}); remove it first with `lanner rm {name}`")
+    _write_entries(home, {**entries, name: entry})
+
+
+def remove_entry(home: Path, name: str) -> dict[str, str]:
+    """Drop ``name`` from models.json and return its entry; files are left alone."""
+    entries = _home_entries(home)
+    if name not in entries:
+        what = "a bundled model and cannot be removed" if name in BUNDLED else "not registered"
+        raise ModelNotFound(f"{name!r} is {what} (see `lanner models`)")
+    entry = entries.pop(name)
+    _write_entries(home, entries)
+    return entry
+
+
+def _write_entries(home: Path, entries: dict[str, dict[str, str]]) -> None:
+    index = index_path(home)
+    index.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".models.", suffix=".json", dir=index.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(entries, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, index)  # atomic on POSIX and Windows
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def spec_for_path(path: Path, name: str | None = None, **extra: str) -> ModelSpec:

@@ -17,6 +17,17 @@ FinishReason = Literal["stop", "length", "cancelled"]
 
 
 @dataclass(frozen=True, slots=True)
+class Constraint:
+    """Output must match this: a JSON schema (as JSON text), a Lark grammar or a
+    regex. Compiled by engine/constrain.py; ``field`` names where it came from
+    (for errors), e.g. "response_format" or "--schema"."""
+
+    kind: Literal["json_schema", "lark", "regex"]
+    source: str
+    field: str = "constraint"
+
+
+@dataclass(frozen=True, slots=True)
 class Request:
     """One generation: a prompt and the sampling settings for it.
 
@@ -44,6 +55,8 @@ class Request:
     logprobs: bool = False
     top_logprobs: int = 0
     """How many alternatives to report per token (0-20); implies logprobs."""
+    constraint: Constraint | None = None
+    """Constrained decoding: the output always matches this (see engine/constrain.py)."""
 
     def __post_init__(self) -> None:
         _check_prompt(self.prompt)
@@ -69,6 +82,8 @@ class Request:
         if not isinstance(self.logprobs, bool):
             raise InvalidRequest("logprobs", "must be true or false")
         _check_int("top_logprobs", self.top_logprobs, low=0, high=20)
+        if self.constraint is not None and not isinstance(self.constraint, Constraint):
+            raise InvalidRequest("constraint", "must be a Constraint")
 
     @property
     def greedy(self) -> bool:
@@ -87,7 +102,8 @@ class Request:
                 "repetition_penalty", "presence_penalty", "frequency_penalty",
                 "seed", "stop", "logprobs", "top_logprobs",
             )
-        }
+        } | ({"constraint": {"kind": self.constraint.kind, "source": self.constraint.source}}
+             if self.constraint else {})
 
 
 def _finite(name: str, value: object) -> float:

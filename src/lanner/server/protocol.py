@@ -18,7 +18,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from lanner.engine.types import Token
+from lanner.engine import constrain
+from lanner.engine.types import Constraint, Token
 from lanner.errors import InvalidRequest
 
 _STRICT = ConfigDict(extra="forbid", strict=True)
@@ -155,9 +156,32 @@ def chat_options(req: ChatCompletionRequest) -> dict[str, Any]:
         raise InvalidRequest("tools", "tool calling is not supported by the server yet")
     if req.tool_choice not in (None, "none", "auto"):
         raise InvalidRequest("tool_choice", "tool calling is not supported by the server yet")
-    if req.response_format and req.response_format.get("type") != "text":
-        raise InvalidRequest("response_format", "only {\"type\": \"text\"} is supported yet")
+    constraint = response_constraint(req.response_format)
+    if constraint is not None:
+        options["constraint"] = constraint
     return options
+
+
+_SCHEMA_FIELD = "response_format.json_schema.schema"
+
+
+def response_constraint(fmt: dict[str, Any] | None) -> Constraint | None:
+    """OpenAI's ``response_format`` as a decoding constraint: ``json_object`` is
+    any JSON object; ``json_schema`` is ``{"json_schema": {"name", "schema"}}``."""
+    kind = (fmt or {}).get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return constrain.json_schema(constrain.JSON_OBJECT)
+    if kind != "json_schema":
+        raise InvalidRequest("response_format.type",
+                             f"must be text, json_object or json_schema, got {kind!r}")
+    spec = fmt.get("json_schema") if fmt else None
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+        raise InvalidRequest(_SCHEMA_FIELD, "a JSON schema object is required")
+    constraint = constrain.json_schema(spec["schema"], field=_SCHEMA_FIELD)
+    constrain.check(constraint)
+    return constraint
 
 
 def completion_options(req: CompletionRequest) -> dict[str, Any]:
