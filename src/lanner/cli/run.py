@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from lanner.chat.session import ChatSession
-from lanner.cli import options, render
+from lanner.cli import options, render, strategy_options, tooling
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,6 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object for scripts")
     options.add_model_flags(p)
     options.add_sampling_flags(p)
+    tooling.add_tool_flags(p)
+    strategy_options.add_strategy_flags(p)
     p.set_defaults(func=run)
 
 
@@ -28,6 +30,10 @@ def run(args: argparse.Namespace) -> int:
     sampling = options.sampling_options(args)
     model = options.load_model(args, args.model)
     session = ChatSession(model, options.open_store(args), system=args.system, options=sampling)
+    if args.tool:
+        return tooling.run_with_tools(args, model, session, prompt)
+    if args.strategy:
+        return strategy_options.run_with_strategy(args, model, session, prompt)
     events = session.complete(prompt) if args.raw else session.send(prompt)
     if args.json:
         from lanner.engine.types import collect
