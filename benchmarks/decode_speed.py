@@ -11,6 +11,7 @@ the same prompt for every path). Usage: python benchmarks/decode_speed.py
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import tempfile
 import time
@@ -37,31 +38,47 @@ def best_rate(run: Callable[[], int], repeats: int) -> tuple[float, int]:
     return best, tokens
 
 
-def llama_cpp_paths(name: str, n: int, repeats: int, home: Path) -> dict[str, tuple[float, int]]:
-    """Both sides run the same GGUF file: the one Lanner runs for ``name``."""
+def measure_llama_cpp(side: str, name: str, n: int, repeats: int, home: Path) -> tuple[float, int]:
+    """One side ("lanner" or "direct") on the GGUF file Lanner runs for ``name``."""
+    model = lanner.load(name, home=str(home))
+    ids = list(model.chat_request(MESSAGES, temperature=0, max_tokens=n).prompt)
+    if side == "lanner":
+        session = ChatSession(model, Store(home / "logs.db"),
+                              options={"temperature": 0, "max_tokens": n})
+
+        def run_lanner() -> int:
+            session.reset()
+            finish = list(session.send(QUESTION))[-1]
+            return finish.usage.completion_tokens  # type: ignore[union-attr]
+
+        return best_rate(run_lanner, repeats)
     from llama_cpp import Llama
 
-    model = lanner.load(name, home=str(home))
-    ids = model.chat_request(MESSAGES, temperature=0, max_tokens=n).prompt
-    direct = Llama(str(model.spec.path), n_ctx=model.backend.n_ctx, flash_attn=True,
-                   n_threads=os.cpu_count(), n_batch=512, verbose=False)
+    path, n_ctx = model.spec.path, model.backend.n_ctx
+    model.close()
+    direct = Llama(str(path), n_ctx=n_ctx, flash_attn=True, n_threads=os.cpu_count(),
+                   n_batch=512, verbose=False)
 
     def run_direct() -> int:
-        out = direct.create_completion(list(ids), max_tokens=n, temperature=0)
+        direct.reset()  # no prompt cache: both sides decode the prompt
+        out = direct.create_completion(ids, max_tokens=n, temperature=0)
         return int(out["usage"]["completion_tokens"])  # type: ignore[index]
 
-    session = ChatSession(model, Store(home / "logs.db"), options={"temperature": 0,
-                                                                    "max_tokens": n})
+    return best_rate(run_direct, repeats)
 
-    def run_lanner() -> int:
-        session.reset()
-        finish = list(session.send(QUESTION))[-1]
-        return finish.usage.completion_tokens  # type: ignore[union-attr]
 
-    label = f"{name} ({model.spec.path.name.split('.')[-2]})"
-    results = {f"llama-cpp-python direct, {label}": best_rate(run_direct, repeats),
-               f"lanner, llama.cpp path, {label}": best_rate(run_lanner, repeats)}
-    model.close()
+def llama_cpp_paths(name: str, n: int, repeats: int, home: Path) -> dict[str, tuple[float, int]]:
+    """Both sides on the same file, each in a fresh process: two llama.cpp thread
+    pools in one process slow each other down (measured ~1.7x), which would
+    measure the pools, not the paths."""
+    label = f"{name} ({'f16' if name == 'smollm2' else 'Q4_1'})"
+    spawn = multiprocessing.get_context("spawn")
+    results = {}
+    sides = (("lanner", "lanner, llama.cpp path"), ("direct", "llama-cpp-python direct"))
+    for side, title in sides:
+        with spawn.Pool(1) as pool:
+            results[f"{title}, {label}"] = pool.apply(measure_llama_cpp,
+                                                      (side, name, n, repeats, home))
     return results
 
 
