@@ -19,59 +19,12 @@ from lanner.server.app import create_app
 from lanner.server.protocol import response_constraint
 from serverkit import serving
 
-SCHEMAS: dict[str, dict[str, Any]] = {
-    "nested": {
-        "type": "object",
-        "properties": {
-            "name": {"type": "string", "maxLength": 30},
-            "address": {
-                "type": "object",
-                "properties": {"city": {"type": "string", "maxLength": 30},
-                               "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
-                "required": ["city", "zip"],
-                "additionalProperties": False,
-            },
-        },
-        "required": ["name", "address"],
-        "additionalProperties": False,
-    },
-    "enum": {
-        "type": "object",
-        "properties": {"colour": {"enum": ["red", "green", "blue"]},
-                       "mood": {"type": "string", "enum": ["happy", "sad"]}},
-        "required": ["colour", "mood"],
-        "additionalProperties": False,
-    },
-    "array": {
-        "type": "object",
-        "properties": {"fruits": {"type": "array", "items": {"type": "string", "maxLength": 20},
-                                  "minItems": 1, "maxItems": 4}},
-        "required": ["fruits"],
-        "additionalProperties": False,
-    },
-    "bounded_numbers": {
-        "type": "object",
-        "properties": {"age": {"type": "integer", "minimum": 0, "maximum": 120},
-                       "score": {"type": "number", "minimum": 0, "maximum": 1}},
-        "required": ["age", "score"],
-        "additionalProperties": False,
-    },
-    "required_fields": {
-        "type": "object",
-        "properties": {"title": {"type": "string", "maxLength": 40}, "done": {"type": "boolean"},
-                       "tags": {"type": "array", "items": {"type": "string", "maxLength": 10},
-                                "maxItems": 3}},
-        "required": ["title", "done"],
-        "additionalProperties": False,
-    },
-}
-PROMPTS = {
-    "nested": "Describe a person and where they live.",
-    "enum": "Pick a colour and a mood.",
-    "array": "List some fruits.",
-    "bounded_numbers": "Give an age and a score.",
-    "required_fields": "Describe a task on a to-do list.",
-}
+# Five schemas (nested objects, enums, arrays, bounded numbers, required
+# fields) shared with benchmarks/constrained.py.
+CASES: dict[str, dict[str, Any]] = json.loads(
+    (Path(__file__).parents[1] / "benchmarks" / "data" / "json_schemas.json").read_text())
+SCHEMAS = {name: case["schema"] for name, case in CASES.items()}
+PROMPTS = {name: case["prompt"] for name, case in CASES.items()}
 
 
 @pytest.fixture(scope="module")

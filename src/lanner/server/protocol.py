@@ -4,8 +4,10 @@ Requests are pydantic models that reject unknown top-level fields with a 400
 naming the field, as OpenAI itself does ("Unrecognized request argument").
 Message objects ignore extra keys, because clients replay whole response
 messages (``refusal``, ``audio``, ``annotations``: None) into the next request.
-Fields OpenAI defines but Lanner cannot honour yet (tools, logit_bias, ...) are
+Fields OpenAI defines but Lanner cannot honour yet (logit_bias, ...) are
 accepted only at their neutral value; anything else is a 400 naming the field.
+Tools are validated here for shape; ``server/tool_calls.py`` decides what they
+do to the prompt, the decoding and the answer.
 
 ``*_options`` turn a request into keyword options for ``Model.chat_request`` /
 ``Model.completion_request`` (our ``Request`` field names); ``chat_logprobs`` and
@@ -44,6 +46,22 @@ class TextPart(BaseModel):
     text: str | None = None
 
 
+class CalledFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    name: str
+    arguments: str
+    """JSON text, exactly as the model wrote it."""
+
+
+class MessageToolCall(BaseModel):
+    """A call in an assistant message of the history (as a response gave it)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(BaseModel):
     """One message; ``developer`` is OpenAI's newer name for ``system``."""
 
@@ -51,8 +69,39 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[MessageToolCall] | None = None
     tool_call_id: str | None = None
+
+
+class FunctionDef(BaseModel):
+    """A function the model may call; ``parameters`` is a JSON schema of its
+    arguments object (absent: it takes none)."""
+
+    model_config = _STRICT
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+    """Accepted; Lanner always decodes a forced call under the schema."""
+
+
+class ToolDef(BaseModel):
+    model_config = _STRICT
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionName(BaseModel):
+    model_config = _STRICT
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    """``tool_choice`` naming the one function the model must call."""
+
+    model_config = _STRICT
+    type: Literal["function"]
+    function: FunctionName
 
 
 class StreamOptions(BaseModel):
@@ -90,10 +139,10 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: Int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: Int | None = Field(None, ge=0, le=20)
-    # Accepted only at their neutral value (see module docstring).
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[ToolDef] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    """False: at most one call per answer (later ones are dropped)."""
     response_format: dict[str, Any] | None = None
     # Accepted and ignored: they change nothing a local model does.
     store: bool | None = None
@@ -152,10 +201,6 @@ def chat_options(req: ChatCompletionRequest) -> dict[str, Any]:
         raise InvalidRequest("top_logprobs", "requires logprobs to be true")
     options["logprobs"] = req.logprobs
     options["top_logprobs"] = req.top_logprobs or 0
-    if req.tools:
-        raise InvalidRequest("tools", "tool calling is not supported by the server yet")
-    if req.tool_choice not in (None, "none", "auto"):
-        raise InvalidRequest("tool_choice", "tool calling is not supported by the server yet")
     constraint = response_constraint(req.response_format)
     if constraint is not None:
         options["constraint"] = constraint
@@ -265,9 +310,21 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class ResponseFunction(BaseModel):
+    name: str
+    arguments: str
+
+
+class ResponseToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ResponseFunction
+
+
 class ChoiceMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    tool_calls: list[ResponseToolCall] | None = None
 
 
 class ChatChoice(BaseModel):

@@ -1,5 +1,6 @@
 """``POST /v1/chat/completions``: messages in, the assistant's answer out, whole
-or streamed as ``chat.completion.chunk`` events."""
+or streamed as ``chat.completion.chunk`` events; with tools, the answer's calls
+as ``message.tool_calls`` / ``delta.tool_calls`` (see ``tool_calls.py``)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from lanner.chat.toolcalls import ToolSyntax, syntax_for
 from lanner.engine.model import Model
-from lanner.engine.types import Event, Finish, TextDelta
+from lanner.engine.types import Completion, Event, Finish, TextDelta, Token
 from lanner.engine.types import Request as GenRequest
 from lanner.errors import LannerError
 from lanner.server import protocol as p
@@ -29,15 +31,27 @@ from lanner.server.serving import (
     state_of,
 )
 from lanner.server.sse import DONE, EventStreamResponse, event
+from lanner.server.tool_calls import (
+    ChoiceStreams,
+    ToolChoice,
+    split_answer,
+    tool_choice,
+    tools_request,
+)
 
 router = APIRouter()
 log = logging.getLogger("lanner.server")
 
 
-def build_requests(model: Model, body: p.ChatCompletionRequest) -> list[GenRequest]:
+def build_requests(model: Model, body: p.ChatCompletionRequest,
+                   tools: ToolChoice | None = None) -> list[GenRequest]:
     """``n`` requests for one conversation (choice i uses seed + i)."""
     options = p.chat_options(body)
-    request = model.chat_request(p.chat_messages(body), strict_context=True, **options)
+    messages = p.chat_messages(body)
+    if tools is None:
+        request = model.chat_request(messages, strict_context=True, **options)
+    else:
+        request = tools_request(model, messages, tools, options)
     return [dataclasses.replace(request, seed=p.choice_seed(request.seed, i))
             for i in range(body.n)]
 
@@ -47,29 +61,41 @@ def build_requests(model: Model, body: p.ChatCompletionRequest) -> list[GenReque
 async def chat_completions(body: p.ChatCompletionRequest, http: Request) -> Any:
     """Creates a model response for the given chat conversation."""
     state = state_of(http)
+    tools = tool_choice(body)  # checked before any model work
     run = await start_run(state, body.model, body.n,
-                          lambda model: build_requests(model, body), "chatcmpl")
+                          lambda model: build_requests(model, body, tools), "chatcmpl")
+    syntax = syntax_for(run.loaded.chat_format) if tools and tools.parses else None
+    parallel = tools is None or tools.parallel
     if body.stream:
         try:
             events = await first_event(run, http)
         except ClientGone:
             return Response(status_code=499)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventStreamResponse(_sse(run, events, body.logprobs, include_usage),
+        parsers = ChoiceStreams(syntax, parallel) if syntax else None
+        return EventStreamResponse(_sse(run, events, body.logprobs, include_usage, parsers),
                                    on_close=run.streams.close)
     try:
         results = await collect(run, http)
     except ClientGone:
         return Response(status_code=499)
-    choices = [
-        p.ChatChoice(index=i, message=p.ChoiceMessage(content=r.text),
-                     logprobs=p.chat_logprobs(r.tokens) if body.logprobs else None,
-                     finish_reason=finish_reason(r))
-        for i, r in enumerate(results)
-    ]
+    choices = [_chat_choice(i, r, body.logprobs, syntax, parallel)
+               for i, r in enumerate(results)]
     return p.ChatCompletion(id=run.id, created=run.created, model=run.model,
                             system_fingerprint=run.fingerprint, choices=choices,
                             usage=_usage(run, completion_tokens(results)))
+
+
+def _chat_choice(index: int, result: Completion, logprobs: bool, syntax: ToolSyntax | None,
+                 parallel: bool) -> p.ChatChoice:
+    """One whole choice; with tools offered, its text split into content and calls."""
+    content: str | None = result.text
+    calls = None
+    if syntax is not None:
+        content, calls = split_answer(syntax, result.text, parallel)
+    return p.ChatChoice(index=index, message=p.ChoiceMessage(content=content, tool_calls=calls),
+                        logprobs=p.chat_logprobs(result.tokens) if logprobs else None,
+                        finish_reason="tool_calls" if calls else finish_reason(result))
 
 
 def _usage(run: Run, completion: int) -> p.Usage:
@@ -80,28 +106,22 @@ def _usage(run: Run, completion: int) -> p.Usage:
 
 async def _sse(
     run: Run, events: AsyncIterator[tuple[int, Event]], logprobs: bool, include_usage: bool,
+    parsers: ChoiceStreams | None = None,
 ) -> AsyncIterator[bytes]:
-    """The chunk stream: per choice a role chunk, content chunks and a finish
-    chunk; then the usage chunk if asked for; then [DONE]."""
+    """The chunk stream: per choice a role chunk, content (and tool-call) chunks
+    and a finish chunk; then the usage chunk if asked for; then [DONE]."""
     head = {"id": run.id, "object": "chat.completion.chunk", "created": run.created,
             "model": run.model, "system_fingerprint": run.fingerprint}
     if include_usage:
         head["usage"] = None
-    begun: set[int] = set()
+    chunks = _Chunks(logprobs, parsers)
     completion = 0
     try:
         async for index, ev in events:
-            if index not in begun:
-                begun.add(index)
-                yield event({**head, "choices": [_choice(index, {"role": "assistant",
-                                                                 "content": ""})]})
-            if isinstance(ev, TextDelta) and (ev.text or (logprobs and ev.tokens)):
-                lp = p.chat_logprobs(ev.tokens) if logprobs else None
-                yield event({**head, "choices": [_choice(index, {"content": ev.text}, lp)]})
-            elif isinstance(ev, Finish):
+            for choice in chunks.of(index, ev):
+                yield event({**head, "choices": [choice]})
+            if isinstance(ev, Finish):
                 completion += ev.usage.completion_tokens
-                reason = "length" if ev.reason == "length" else "stop"
-                yield event({**head, "choices": [_choice(index, {}, None, reason)]})
     except LannerError as exc:
         yield event(error_body(str(exc), type=exc.error_type, param=exc.param, code=exc.code))
         return
@@ -113,6 +133,55 @@ async def _sse(
     if include_usage:
         yield event({**head, "choices": [], "usage": _usage(run, completion).model_dump()})
     yield DONE
+
+
+class _Chunks:
+    """Engine events of each choice as the ``choices`` entries of chunks.
+
+    With ``parsers`` (tools offered) text goes through the choice's tool-call
+    parser, which may hold some back; the tokens of held text ride on the next
+    chunk that is sent, so logprobs still cover every token once.
+    """
+
+    def __init__(self, logprobs: bool, parsers: ChoiceStreams | None) -> None:
+        self._logprobs = logprobs
+        self._parsers = parsers
+        self._begun: set[int] = set()
+        self._held: dict[int, list[Token]] = {}
+
+    def of(self, index: int, ev: Event) -> list[dict[str, Any]]:
+        out = []
+        if index not in self._begun:
+            self._begun.add(index)
+            out.append(_choice(index, {"role": "assistant", "content": ""}))
+        if isinstance(ev, TextDelta):
+            out += self._text(index, ev)
+        elif isinstance(ev, Finish):
+            out += self._finish(index, ev)
+        return out
+
+    def _text(self, index: int, ev: TextDelta) -> list[dict[str, Any]]:
+        if self._parsers is None:
+            if not (ev.text or (self._logprobs and ev.tokens)):
+                return []
+            return [_choice(index, {"content": ev.text}, self._lp(list(ev.tokens)))]
+        self._held.setdefault(index, []).extend(ev.tokens)
+        return [_choice(index, d, self._lp(self._held.pop(index, [])))
+                for d in self._parsers.feed(index, ev.text)]
+
+    def _finish(self, index: int, ev: Finish) -> list[dict[str, Any]]:
+        out = []
+        reason = "length" if ev.reason == "length" else "stop"
+        if self._parsers is not None:
+            out = [_choice(index, d, self._lp(self._held.pop(index, [])))
+                   for d in self._parsers.finish(index)]
+            reason = "tool_calls" if self._parsers.called(index) else reason
+        held = self._held.pop(index, [])
+        out.append(_choice(index, {}, self._lp(held) if held else None, reason))
+        return out
+
+    def _lp(self, tokens: list[Token]) -> dict[str, Any] | None:
+        return p.chat_logprobs(tokens) if self._logprobs else None
 
 
 def _choice(

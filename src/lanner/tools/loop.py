@@ -181,14 +181,15 @@ def run_tools(model: Model, messages: list[dict[str, Any]] | str,
 
 
 def tool_request(model: Model, syntax: ToolSyntax, messages: list[dict[str, Any]],
-                 tools: list[dict[str, Any]] | None, **options: Any) -> Request:
+                 tools: list[dict[str, Any]] | None, *, strict_context: bool = False,
+                 **options: Any) -> Request:
     """Like ``Model.chat_request``, with ``tools`` offered in the model's syntax."""
     fmt = model.chat_format
     text = syntax.render(fmt, messages, tools)
     ids = model.backend.tokenize(text, add_bos=False, special=True)
     stop = tuple(dict.fromkeys([*(options.pop("stop", None) or ()), *fmt.stop]))
     request = make_request(ids, {**options, "stop": stop})
-    model.check_context(len(ids))
+    model.check_context(len(ids), request.max_tokens if strict_context else None)
     return request
 
 

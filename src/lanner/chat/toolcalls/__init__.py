@@ -62,6 +62,13 @@ class ToolSyntax:
         """True if the model's own template renders the tool descriptions."""
         return bool(self.module.NATIVE)
 
+    @property
+    def forced_call(self) -> tuple[str, str, str]:
+        """One call as (text before the JSON-encoded name, text between it and the
+        arguments object, text after it); the output shape of a forced call."""
+        before, between, after = self.module.FORCED_CALL
+        return str(before), str(between), str(after)
+
     def parse(self, text: str) -> tuple[str, list[ToolCall]]:
         """(content, calls) from a whole answer."""
         result: tuple[str, list[ToolCall]] = self.module.parse(text)

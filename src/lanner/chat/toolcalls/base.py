@@ -4,7 +4,9 @@ parser yields, and the marker-driven state machine the syntaxes configure.
 A syntax module (hermes, llama3, mistral, lanner_default) exports the same
 names: ``NAME``, ``NATIVE`` (whether the model's own template renders the
 tools), ``detect(template) -> bool``, ``parse(text) -> (content, calls)`` and
-``StreamParser`` (``feed(text) -> list[Delta]``, ``finish() -> list[Delta]``).
+``StreamParser`` (``feed(text) -> list[Delta]``, ``finish() -> list[Delta]``)
+and ``FORCED_CALL`` (the text around a call's name and arguments, used to
+constrain a forced call).
 Whole-text parsing is "feed everything, then finish", so streaming and
 non-streaming extraction always agree.
 """

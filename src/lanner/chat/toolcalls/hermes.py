@@ -20,6 +20,9 @@ NAME = "hermes"
 NATIVE = True
 START = "<tool_call>"
 END = "</tool_call>"
+FORCED_CALL = (f'{START}\n{{"name": ', ', "arguments": ', f"}}\n{END}")
+"""One call as (text before the name, between name and arguments, after them):
+the shape a forced tool call is constrained to."""
 _FUNCTION = re.compile(r"<function=([^>\s]+)>(.*?)(?:</function>|\Z)", re.S)
 _PARAMETER = re.compile(r"<parameter=([^>\s]+)>\n?(.*?)\n?(?:</parameter>|(?=<parameter=)|\Z)",
                         re.S)

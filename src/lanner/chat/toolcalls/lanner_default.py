@@ -28,6 +28,7 @@ from lanner.chat.toolcalls.base import ToolCall, parse_with
 NAME = "lanner"
 NATIVE = False
 START, END = hermes.START, hermes.END
+FORCED_CALL = hermes.FORCED_CALL
 
 
 def detect(template: str) -> bool:
@@ -60,6 +61,9 @@ def prompt_messages(
     user message."""
     system = next((m["content"] for m in messages[:1] if m["role"] == "system"), None)
     out: list[dict[str, Any]] = []
+    # OpenAI clients send a result with its call's id, not the tool's name.
+    names = {c.get("id"): c["function"]["name"] for m in messages
+             for c in m.get("tool_calls") or []}
     if tools:
         specs = [json.dumps(t.get("function", t), ensure_ascii=False) for t in tools]
         out.append({"role": "system", "content": render_prompt(
@@ -68,7 +72,8 @@ def prompt_messages(
         out.append(messages[0])
     for message in messages[1:] if system is not None else messages:
         if message["role"] == "tool":
-            text = render_prompt("tools_default_result.jinja", name=message.get("name", ""),
+            name = message.get("name") or names.get(message.get("tool_call_id"), "")
+            text = render_prompt("tools_default_result.jinja", name=name,
                                  content=message.get("content") or "").strip()
             if out and out[-1].get("_results"):
                 out[-1] = {**out[-1], "content": out[-1]["content"] + "\n" + text}

@@ -18,6 +18,7 @@ from lanner.chat.toolcalls.base import ToolCall, calls_from_json, json_end, pars
 NAME = "llama3"
 NATIVE = True
 PYTHON_TAG = "<|python_tag|>"
+FORCED_CALL = ('{"name": ', ', "parameters": ', "}")
 # Llama 3.1/3.2/3.3 templates tell the model the exact call format in these words.
 _TEMPLATE_HINTS = (PYTHON_TAG, '{"name": function name, "parameters": dictionary')
 _KEYS = ("parameters", "arguments")

@@ -17,6 +17,7 @@ from lanner.chat.toolcalls.base import ToolCall, calls_from_json, json_end, pars
 NAME = "mistral"
 NATIVE = True
 START = "[TOOL_CALLS]"
+FORCED_CALL = (f'{START}[{{"name": ', ', "arguments": ', "}]")
 _NAMED = re.compile(r"\s*([A-Za-z0-9_.-]+)(?:\[CALL_ID\]([A-Za-z0-9]+))?\[ARGS\]\s*")
 _MAX_NAME = 200  # past this without [ARGS], it is not a per-call header
 
