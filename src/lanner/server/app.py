@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from lanner import __version__
 from lanner.engine.engine import Engine
 from lanner.server import errors, routes_chat, routes_completions, routes_embeddings, routes_models
+from lanner.server.documents import Documents
 from lanner.server.embedder import BUNDLED_PACKAGE, Embedder, SentenceTransformerEmbedder
 from lanner.server.metrics import Metrics, esc
 from lanner.server.pool import ModelPool
@@ -111,12 +112,14 @@ def create_app(
     executor = ThreadPoolExecutor(max_workers=max_queue, thread_name_prefix="lanner-stream")
     metrics = Metrics()
     state = ServerState(pool, executor, metrics,
-                        default_embedder() if embedder is ... else embedder, api_key)
+                        default_embedder() if embedder is ... else embedder, api_key,
+                        Documents(engine))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         executor.shutdown(wait=False, cancel_futures=True)
+        state.documents.close()
 
     app = FastAPI(title="Lanner", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible API for open-weight models run by Lanner.")

@@ -144,6 +144,10 @@ class ChatCompletionRequest(_Sampling):
     parallel_tool_calls: bool | None = None
     """False: at most one call per answer (later ones are dropped)."""
     response_format: dict[str, Any] | None = None
+    # Lanner's extension: answer from a document collection, citations checked.
+    collection: str | None = None
+    passages: Int = Field(5, ge=1, le=50)
+    """With ``collection``: how many passages to retrieve."""
     # Accepted and ignored: they change nothing a local model does.
     store: bool | None = None
     metadata: dict[str, str] | None = None
@@ -342,6 +346,8 @@ class ChatCompletion(BaseModel):
     system_fingerprint: str
     choices: list[ChatChoice]
     usage: Usage
+    citations: dict[str, Any] | None = None
+    """Lanner extension, with ``collection``: sources, citations and their checks."""
 
 
 class CompletionChoice(BaseModel):

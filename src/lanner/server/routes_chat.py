@@ -17,11 +17,14 @@ from lanner.engine.model import Model
 from lanner.engine.types import Completion, Event, Finish, TextDelta, Token
 from lanner.engine.types import Request as GenRequest
 from lanner.errors import LannerError
+from lanner.rag.answer import Prepared
 from lanner.server import protocol as p
+from lanner.server.documents import cited
 from lanner.server.errors import error_body
 from lanner.server.serving import (
     ClientGone,
     Run,
+    ServerState,
     collect,
     completion_tokens,
     finish_reason,
@@ -62,6 +65,8 @@ async def chat_completions(body: p.ChatCompletionRequest, http: Request) -> Any:
     """Creates a model response for the given chat conversation."""
     state = state_of(http)
     tools = tool_choice(body)  # checked before any model work
+    if body.collection is not None:
+        return await _documents_answer(state, body, http)
     run = await start_run(state, body.model, body.n,
                           lambda model: build_requests(model, body, tools), "chatcmpl")
     syntax = syntax_for(run.loaded.chat_format) if tools and tools.parses else None
@@ -96,6 +101,31 @@ def _chat_choice(index: int, result: Completion, logprobs: bool, syntax: ToolSyn
     return p.ChatChoice(index=index, message=p.ChoiceMessage(content=content, tool_calls=calls),
                         logprobs=p.chat_logprobs(result.tokens) if logprobs else None,
                         finish_reason="tool_calls" if calls else finish_reason(result))
+
+
+async def _documents_answer(state: ServerState, body: p.ChatCompletionRequest,
+                            http: Request) -> Any:
+    """The ``collection`` extension: retrieve, answer, check every citation."""
+    prepared: list[Prepared] = []
+
+    def build(model: Model) -> list[GenRequest]:
+        options = p.chat_options(body)
+        prepared.append(state.documents.prepare(model, body, options))
+        return [model.chat_request(prepared[0].messages, strict_context=True, **options)]
+
+    run = await start_run(state, body.model, 1, build, "chatcmpl")
+    try:
+        (result,) = await collect(run, http)
+    except ClientGone:
+        return Response(status_code=499)
+    answer = cited(prepared[0], result.text)
+    choice = p.ChatChoice(index=0, message=p.ChoiceMessage(content=answer.marked_text()),
+                          logprobs=p.chat_logprobs(result.tokens) if body.logprobs else None,
+                          finish_reason=finish_reason(result))
+    return p.ChatCompletion(id=run.id, created=run.created, model=run.model,
+                            system_fingerprint=run.fingerprint, choices=[choice],
+                            usage=_usage(run, completion_tokens([result])),
+                            citations=answer.to_json())
 
 
 def _usage(run: Run, completion: int) -> p.Usage:

@@ -24,6 +24,7 @@ from fastapi import Request as HttpRequest
 from lanner.engine.model import Model
 from lanner.engine.types import Completion, Event, Finish, Request, TextDelta
 from lanner.errors import InvalidRequest
+from lanner.server.documents import Documents
 from lanner.server.embedder import Embedder
 from lanner.server.metrics import Metrics
 from lanner.server.pool import ModelPool
@@ -42,6 +43,8 @@ class ServerState:
     metrics: Metrics
     embedder: Embedder | None
     api_key: str | None
+    documents: Documents
+    """Lanner's ``collection`` extension on chat completions."""
     started: int = field(default_factory=lambda: int(time.time()))
 
 
