@@ -4,16 +4,15 @@ document collection, every citation checked, through the official client."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import openai
 import pytest
-from serverkit import LiveServer, serving
 
 from lanner.backends.fake import FakeBackend
 from lanner.engine.engine import Engine
 from lanner.rag.library import Library
 from lanner.server.app import create_app
+from serverkit import LiveServer, serving
 
 DOC = ("The Kelvsund lighthouse was built in 1871 after three ships were lost on the reef. "
        "Its lamp burned paraffin until electricity reached the cape in 1952.")
