@@ -173,7 +173,10 @@ class Sandbox:
         if any(p == "/lanner" or p.startswith("/lanner/") for p in ro):
             raise SandboxUnavailable("the Python installation lives under /lanner, "
                                      "where the sandbox mounts its own folders")
-        args = ["--ro-bind", "/usr", "/usr"]
+        # The private /tmp comes first: a Python that lives under /tmp (a clone
+        # in /tmp with its .venv) is mounted on top of it, not hidden by it.
+        args = ["--ro-bind", "/usr", "/usr",
+                "--perms", "1777", "--size", str(self.limits.tmp_bytes), "--tmpfs", "/tmp"]
         for name in ("bin", "lib", "lib64", "sbin"):  # merged-/usr links, or real folders
             top = Path("/") / name
             if top.is_symlink():
@@ -185,8 +188,7 @@ class Sandbox:
                 args += [*_parents(path), "--ro-bind", path, path]
         args += [*_parents(INSIDE_WORK), "--bind", str(self.workdir), INSIDE_WORK,
                  *_parents(INSIDE_RUNNER), "--ro-bind", str(_RUNNER), INSIDE_RUNNER,
-                 "--proc", "/proc", "--dev", "/dev",
-                 "--perms", "1777", "--size", str(self.limits.tmp_bytes), "--tmpfs", "/tmp"]
+                 "--proc", "/proc", "--dev", "/dev"]
         return args
 
     def _collect(self, proc: subprocess.Popen[bytes], code: str, result_fd: int) -> RunResult:
