@@ -21,12 +21,14 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
-from lanner.engine.registry import bundled_path
+from lanner.engine.engine import prepare
+from lanner.engine.registry import resolve
 
 _quiet: object = None
 TOPICS = ["the sea", "a lighthouse", "mountains", "a library", "winter", "a city at night",
@@ -150,12 +152,16 @@ def raw_ceiling(gguf: Path, batch: int, n: int, threads: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--gguf", type=Path, default=bundled_path("smollm2"))
+    parser.add_argument("--model", default="smollm2",
+                        help="a Lanner model name; all three run the GGUF file it runs")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--levels", default="1,4,8,16")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--skip", default="", help="comma list of: lanner,llama_cpp,raw")
     args = parser.parse_args()
+    home = Path(tempfile.mkdtemp(prefix="lanner-bench-"))
+    # The file Lanner actually runs (smollm2: the shipped Q4_1 re-encoded as F16).
+    args.gguf = prepare(resolve(args.model, home), None, home).path
     levels = [int(x) for x in args.levels.split(",")]
     skip = set(args.skip.split(","))
     print(f"serve throughput, {args.gguf.name}, {args.tokens} new tokens per stream, "
@@ -169,16 +175,19 @@ def main() -> None:
                   flush=True)
     if "lanner" not in skip:
         port = free_port()
-        cmd = [sys.executable, "-m", "lanner", "serve", str(args.gguf), "--port", str(port),
-               "--no-embeddings"]
+        cmd = [sys.executable, "-m", "lanner", "--home", str(home), "serve", args.model,
+               "--port", str(port), "--no-embeddings"]
         results["lanner"] = serve_and_measure("lanner serve", cmd, port, "/health",
-                                              args.gguf.name, levels, args.tokens)
+                                              args.model, levels, args.tokens)
     if "llama_cpp" not in skip:
         port = free_port()
         cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(args.gguf),
-               "--port", str(port), "--n_ctx", "4096", "--n_threads", str(args.threads)]
+               "--port", str(port), "--n_ctx", "4096", "--n_threads", str(args.threads),
+               "--model_alias", args.model,
+               # its default cancels a running stream when another request arrives
+               "--interrupt_requests", "False"]
         results["llama_cpp"] = serve_and_measure("llama_cpp.server", cmd, port, "/v1/models",
-                                                 args.gguf.name, levels, args.tokens)
+                                                 args.model, levels, args.tokens)
     summarise(results)
 
 
