@@ -71,6 +71,6 @@ def _summary(report: IngestReport, where: str) -> None:
     print(f"Collection {report.collection!r} ({where}): {len(report.added)} added, "
           f"{len(report.updated)} updated, {len(report.unchanged)} unchanged, "
           f"{len(report.skipped)} skipped; {report.chunks} chunks in {report.seconds:.1f} s"
-          + (f" ({rate:.0f} chunks/s)" if rate else ""))
+          + (f" ({rate:.3g} chunks/s)" if rate else ""))
     for path, reason in report.skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
