@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from lanner.rag.store import (
     no_such_collection,
 )
 from lanner.store import Store, utc_now
+from lanner.store.transactions import Transactions
 
 _F32 = np.dtype("<f4")
 
@@ -44,7 +44,7 @@ class _Matrix:
     """(n, d) float32, unit rows."""
 
 
-class SqliteDocumentStore:
+class SqliteDocumentStore(Transactions):
     """Document collections inside the SQLite file at ``path`` (normally
     ``logs.db``). The file is created and migrated by ``lanner.store.Store``;
     this class keeps its own connection. Thread-safe (one lock)."""
@@ -62,28 +62,6 @@ class SqliteDocumentStore:
             raise StoreError(f"cannot open {self.path}: {exc}") from exc
         self._lock = threading.RLock()
         self._matrices: dict[str, _Matrix] = {}
-
-    # -- transactions ---------------------------------------------------------
-
-    @contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            try:
-                yield self._conn
-            except sqlite3.Error as exc:
-                raise StoreError(f"{self.path}: {exc}") from exc
-
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        with self._read() as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException:  # re-raised; never leave the transaction open
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
 
     def _collection_id(self, conn: sqlite3.Connection, name: str) -> int:
         row = conn.execute("SELECT id FROM collections WHERE name = ?", (name,)).fetchone()

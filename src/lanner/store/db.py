@@ -18,21 +18,20 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 
 from lanner.errors import InvalidRequest, StoreError
 from lanner.store import hashing
 from lanner.store.migrate import apply_pending
+from lanner.store.transactions import Transactions
 from lanner.store.turn import COLUMNS, Turn, from_row, new_conversation_id, to_row, utc_now
 
 BUSY_TIMEOUT_S = 10.0
 _SELECT_TURN = f"SELECT id, {', '.join(COLUMNS)} FROM responses"
 
 
-class Store:
+class Store(Transactions):
     """Opens (creating if needed) and migrates the database at ``path``.
 
     Raises ``StoreError`` if the file is not a SQLite database, is a SQLite
@@ -72,31 +71,6 @@ class Store:
             conn.close()
             raise StoreError(f"{self.path} is not a SQLite database: {exc}") from exc
         return conn
-
-    # -- transactions -------------------------------------------------------
-
-    @contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            try:
-                yield self._conn
-            except sqlite3.Error as exc:
-                raise StoreError(f"{self.path}: {exc}") from exc
-
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One transaction: committed on success, rolled back on any error."""
-        with self._read() as conn:
-            # IMMEDIATE takes the write lock up front, so a busy database waits
-            # here (busy timeout) instead of failing at COMMIT.
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException:  # re-raised; the transaction must not stay open
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
 
     # -- conversations and turns ---------------------------------------------
 
