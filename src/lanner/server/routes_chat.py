@@ -16,11 +16,9 @@ from lanner.chat.toolcalls import ToolSyntax, syntax_for
 from lanner.engine.model import Model
 from lanner.engine.types import Completion, Event, Finish, TextDelta, Token
 from lanner.engine.types import Request as GenRequest
-from lanner.errors import LannerError
 from lanner.rag.answer import Prepared
 from lanner.server import protocol as p
 from lanner.server.documents import cited
-from lanner.server.errors import error_body
 from lanner.server.serving import (
     ClientGone,
     Run,
@@ -33,7 +31,7 @@ from lanner.server.serving import (
     start_run,
     state_of,
 )
-from lanner.server.sse import DONE, EventStreamResponse, event
+from lanner.server.sse import DONE, EventStreamResponse, event, guarded
 from lanner.server.tool_calls import (
     ChoiceStreams,
     ToolChoice,
@@ -78,7 +76,8 @@ async def chat_completions(body: p.ChatCompletionRequest, http: Request) -> Any:
             return Response(status_code=499)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         parsers = ChoiceStreams(syntax, parallel) if syntax else None
-        return EventStreamResponse(_sse(run, events, body.logprobs, include_usage, parsers),
+        return EventStreamResponse(guarded(_sse(run, events, body.logprobs, include_usage, parsers),
+                                           f"chat stream {run.id}"),
                                    on_close=run.streams.close)
     try:
         results = await collect(run, http)
@@ -146,20 +145,11 @@ async def _sse(
         head["usage"] = None
     chunks = _Chunks(logprobs, parsers)
     completion = 0
-    try:
-        async for index, ev in events:
-            for choice in chunks.of(index, ev):
-                yield event({**head, "choices": [choice]})
-            if isinstance(ev, Finish):
-                completion += ev.usage.completion_tokens
-    except LannerError as exc:
-        yield event(error_body(str(exc), type=exc.error_type, param=exc.param, code=exc.code))
-        return
-    except Exception:  # a bug: log it, tell the client the stream broke
-        log.exception("chat stream %s failed", run.id)
-        yield event(error_body("internal server error (see the server log)",
-                               type="server_error"))
-        return
+    async for index, ev in events:
+        for choice in chunks.of(index, ev):
+            yield event({**head, "choices": [choice]})
+        if isinstance(ev, Finish):
+            completion += ev.usage.completion_tokens
     if include_usage:
         yield event({**head, "choices": [], "usage": _usage(run, completion).model_dump()})
     yield DONE

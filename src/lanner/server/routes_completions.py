@@ -18,9 +18,8 @@ from fastapi.responses import Response
 from lanner.engine.model import Model
 from lanner.engine.types import Event, Finish, TextDelta, Token
 from lanner.engine.types import Request as GenRequest
-from lanner.errors import ContextLengthExceeded, LannerError
+from lanner.errors import ContextLengthExceeded
 from lanner.server import protocol as p
-from lanner.server.errors import error_body
 from lanner.server.serving import (
     ClientGone,
     Run,
@@ -32,7 +31,7 @@ from lanner.server.serving import (
     start_run,
     state_of,
 )
-from lanner.server.sse import DONE, EventStreamResponse, event
+from lanner.server.sse import DONE, EventStreamResponse, event, guarded
 
 router = APIRouter()
 log = logging.getLogger("lanner.server")
@@ -101,7 +100,8 @@ async def completions(body: p.CompletionRequest, http: Request) -> Any:
         except ClientGone:
             return Response(status_code=499)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventStreamResponse(_sse(run, body, events, echoes, include_usage),
+        return EventStreamResponse(guarded(_sse(run, body, events, echoes, include_usage),
+                                           f"completion stream {run.id}"),
                                    on_close=run.streams.close)
     try:
         results = await collect(run, http)
@@ -163,29 +163,20 @@ async def _sse(
     offsets = [len(echoes[i // body.n][0]) for i in range(len(run.requests))]
     completion = 0
     wants_lp = body.logprobs is not None
-    try:
-        if body.echo:
-            for i in range(len(run.requests)):
-                text, tokens = echoes[i // body.n]
-                lp = p.completion_logprobs(tokens, 0) if wants_lp else None
-                yield event({**head, "choices": [_choice(i, text, lp)]})
-        async for index, ev in events:
-            if isinstance(ev, TextDelta) and (ev.text or (wants_lp and ev.tokens)):
-                lp = p.completion_logprobs(ev.tokens, offsets[index]) if wants_lp else None
-                offsets[index] += len(ev.text)
-                yield event({**head, "choices": [_choice(index, ev.text, lp)]})
-            elif isinstance(ev, Finish):
-                completion += ev.usage.completion_tokens
-                reason = "length" if ev.reason == "length" else "stop"
-                yield event({**head, "choices": [_choice(index, "", None, reason)]})
-    except LannerError as exc:
-        yield event(error_body(str(exc), type=exc.error_type, param=exc.param, code=exc.code))
-        return
-    except Exception:  # a bug: log it, tell the client the stream broke
-        log.exception("completion stream %s failed", run.id)
-        yield event(error_body("internal server error (see the server log)",
-                               type="server_error"))
-        return
+    if body.echo:
+        for i in range(len(run.requests)):
+            text, tokens = echoes[i // body.n]
+            lp = p.completion_logprobs(tokens, 0) if wants_lp else None
+            yield event({**head, "choices": [_choice(i, text, lp)]})
+    async for index, ev in events:
+        if isinstance(ev, TextDelta) and (ev.text or (wants_lp and ev.tokens)):
+            lp = p.completion_logprobs(ev.tokens, offsets[index]) if wants_lp else None
+            offsets[index] += len(ev.text)
+            yield event({**head, "choices": [_choice(index, ev.text, lp)]})
+        elif isinstance(ev, Finish):
+            completion += ev.usage.completion_tokens
+            reason = "length" if ev.reason == "length" else "stop"
+            yield event({**head, "choices": [_choice(index, "", None, reason)]})
     if include_usage:
         yield event({**head, "choices": [], "usage": _usage(run, body.n, completion).model_dump()})
     yield DONE

@@ -9,13 +9,32 @@ or leaks part of a stop string; JSON-encoding each delta keeps that true.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from lanner.errors import LannerError
+from lanner.server.errors import error_body
+
 DONE = b"data: [DONE]\n\n"
+log = logging.getLogger("lanner.server")
+
+
+async def guarded(chunks: AsyncIterator[bytes], what: str) -> AsyncIterator[bytes]:
+    """Pass ``chunks`` through; an error mid-stream (the HTTP status is already
+    sent) becomes one last event in OpenAI's error shape, and the stream ends."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    except LannerError as exc:
+        yield event(error_body(str(exc), type=exc.error_type, param=exc.param, code=exc.code))
+    except Exception:  # a bug: log it, tell the client the stream broke
+        log.exception("%s failed", what)
+        yield event(error_body("internal server error (see the server log)",
+                               type="server_error"))
 
 
 def event(data: dict[str, Any]) -> bytes:
