@@ -5,7 +5,6 @@ as ``message.tool_calls`` / ``delta.tool_calls`` (see ``tool_calls.py``)."""
 from __future__ import annotations
 
 import dataclasses
-import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -41,7 +40,6 @@ from lanner.server.tool_calls import (
 )
 
 router = APIRouter()
-log = logging.getLogger("lanner.server")
 
 
 def build_requests(model: Model, body: p.ChatCompletionRequest,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import logging
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, cast
 
@@ -34,7 +33,6 @@ from lanner.server.serving import (
 from lanner.server.sse import DONE, EventStreamResponse, event, guarded
 
 router = APIRouter()
-log = logging.getLogger("lanner.server")
 
 
 def build_requests(model: Model, body: p.CompletionRequest) -> list[GenRequest]:
