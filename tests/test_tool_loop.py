@@ -96,6 +96,35 @@ def test_step_limit_then_an_answer_without_tools(lanner_home: Path) -> None:
     assert result.answer == "Gave up: 5555."
 
 
+def test_a_repeated_call_is_not_run_again_and_the_model_answers_from_the_results(
+        lanner_home: Path) -> None:
+    runs: list[int] = []
+
+    @tool
+    def count(n: int) -> int:
+        """Count to n."""
+        runs.append(n)
+        return n
+
+    call = '<tool_call>{"name": "count", "arguments": {"n": 3}}</tool_call>'
+    model, backend = fake_model([call, f"{call}\n", "I counted to 3."], lanner_home)
+    result = run_tools(model, "Count to 3.", [count])
+    assert runs == [3] and result.results == ["3", "3"]  # the repeat got the same result
+    assert result.stopped == "repeated" and result.steps == 2
+    final = prompt_of(backend, 2)
+    assert "<tools>" not in final and "Results of the tools you called:" in final
+    assert 'count({"n": 3}) returned:\n3' in final
+    assert result.answer == "I counted to 3."
+    assert result.messages[-1] == {"role": "assistant", "content": "I counted to 3."}
+
+
+def test_after_the_tools_are_withdrawn_nothing_is_parsed_as_a_call(lanner_home: Path) -> None:
+    model, _ = fake_model([CALL_SUMS, CALL_SUMS], lanner_home)
+    result = run_tools(model, "Add.", [sums], max_steps=1)
+    assert result.stopped == "max_steps" and result.steps == 1
+    assert result.answer == CALL_SUMS  # shown as text, not silently dropped
+
+
 def test_every_call_is_logged_under_the_answer(lanner_home: Path) -> None:
     model, _ = fake_model([CALL_SUMS, "It is 5555."], lanner_home)
     with Store(paths.db_path(lanner_home)) as store:

@@ -165,6 +165,22 @@ def test_llama3_plain_json_is_content_unless_a_call_at_the_start() -> None:
     assert content == "Sure." and calls[0].arguments_dict() == {"q": 1}
 
 
+def test_hermes_bare_object_without_tags_is_a_call_only_where_a_call_may_stand() -> None:
+    # What Qwen2.5-Coder-0.5B writes for "What is 12 factorial?" with a python tool.
+    text = ' {"name": "python", "arguments": {"code": "import math\\nmath.factorial(12)"}}'
+    content, calls = hermes.parse(text)
+    assert content == "" and [(c.name, c.arguments_dict()) for c in calls] == \
+        [("python", {"code": "import math\nmath.factorial(12)"})]
+    streamed, streamed_calls = content_and_calls(stream(hermes, text, 1))  # char by char
+    assert streamed.strip() == "" and [d.call.name for d in streamed_calls] == ["python"]
+    assert hermes.parse('{"answer": 42}') == ('{"answer": 42}', [])  # no name/arguments
+    assert hermes.parse('{"name": "Ada"}') == ('{"name": "Ada"}', [])
+    mid = 'The call is {"name": "f", "arguments": {}}'
+    assert hermes.parse(mid) == (mid, [])  # not at the start: content
+    content, calls = hermes.parse('{"name": "f", "arguments": {}}\nDone.')
+    assert content == "Done." and [c.name for c in calls] == ["f"]
+
+
 def test_mistral_per_call_form_with_ids() -> None:
     content, calls = mistral.parse(
         'Hi[TOOL_CALLS]sums[ARGS]{"a": 1, "b": 2}[TOOL_CALLS]echo[CALL_ID]xyz987abc[ARGS]'

@@ -19,13 +19,16 @@ the answer as the user-facing turn, each step as a sub-call (``parent_id``).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from lanner.chat.calllog import CallLog
+from lanner.chat.prompts import render_prompt
 from lanner.chat.toolcalls import (
     ContentDelta,
+    StreamParser,
     ToolCall,
     ToolCallDelta,
     ToolSyntax,
@@ -68,7 +71,10 @@ class ToolLoopResult:
     results: list[str] = field(default_factory=list)
     steps: int = 0
     """Rounds of tool calls made."""
-    stopped: Literal["answer", "max_steps"] = "answer"
+    stopped: Literal["answer", "max_steps", "repeated"] = "answer"
+    """Why the loop ended: the model answered; or it used up ``max_steps`` rounds,
+    or repeated a call it had made before, and was then asked to answer from
+    the results (see ``_final_question``)."""
     turn_id: int | None = None
 
 
@@ -125,23 +131,34 @@ class ToolLoop:
                 ) -> Generator[LoopEvent, None, Finish | None]:
         """Model calls and tool runs until an answer; fills ``result``."""
         schemas = [t.schema() for t in self.tools.values()]
+        asked = result.messages
+        ran: dict[tuple[str, str], str] = {}
         while True:
-            offer = schemas if result.steps < self.max_steps else None
-            content, calls, finish = yield from self._step(log, result.messages, offer,
+            content, calls, finish = yield from self._step(log, result.messages, schemas,
                                                            result.steps + 1)
             result.answer = content
-            if not calls or offer is None:
+            if not calls:
                 break
             result.steps += 1
             result.messages = [*result.messages, _assistant(content, calls)]
+            repeated = False
             for call in calls:
+                key = (call.name, json.dumps(call.arguments_dict(), sort_keys=True))
+                repeated = repeated or key in ran
                 yield ToolCallEvent(call)
-                text = self._call(call)
+                # A call repeated word for word is not run again: it gets its result.
+                text = ran[key] if key in ran else self._call(call)
+                ran[key] = text
                 result.calls.append(call)
                 result.results.append(text)
                 yield ToolResultEvent(call, text)
                 result.messages = [*result.messages, _tool_message(call, text)]
-        result.stopped = "max_steps" if offer is None else "answer"
+            if repeated or result.steps >= self.max_steps:
+                result.stopped = "max_steps" if result.steps >= self.max_steps else "repeated"
+                content, _, finish = yield from self._step(
+                    log, _final_question(asked, ran), None, result.steps + 1)
+                result.answer = content
+                break
         result.messages = [*result.messages, {"role": "assistant", "content": content}]
         return finish
 
@@ -151,7 +168,8 @@ class ToolLoop:
         """One model call; yields its content as it streams and returns
         (content, calls, finish)."""
         request = tool_request(self.model, self.syntax, messages, tools, **self.options)
-        parser = self.syntax.stream()
+        # Without tools on offer nothing is a call: the whole text is the answer.
+        parser = self.syntax.stream() if tools else StreamParser()
         parts: list[str] = []
         calls: list[ToolCall] = []
         finish: Finish | None = None
@@ -191,6 +209,19 @@ def tool_request(model: Model, syntax: ToolSyntax, messages: list[dict[str, Any]
     request = make_request(ids, {**options, "stop": stop})
     model.check_context(len(ids), request.max_tokens if strict_context else None)
     return request
+
+
+def _final_question(history: list[dict[str, Any]],
+                    ran: dict[tuple[str, str], str]) -> list[dict[str, Any]]:
+    """The conversation as given, its last user message followed by the results
+    of every distinct call, and no tools on offer. Small models that are shown
+    their calls and results in the template's tool syntax tend to call again
+    rather than answer (Qwen2.5-Coder-0.5B does); in plain words they answer."""
+    last = max(i for i, m in enumerate(history) if m["role"] == "user")
+    results = [(name, arguments, text) for (name, arguments), text in ran.items()]
+    content = render_prompt("tools_final_answer.jinja", question=history[last]["content"],
+                            results=results).strip()
+    return [*history[:last], {"role": "user", "content": content}, *history[last + 1:]]
 
 
 def _assistant(content: str, calls: list[ToolCall]) -> dict[str, Any]:

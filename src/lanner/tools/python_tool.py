@@ -28,7 +28,9 @@ def ask_on_terminal(code: str) -> bool:
     print(f"\nThe model wants to run this Python code:\n---\n{code.rstrip()}\n---",
           file=sys.stderr)
     try:
-        answer = input(CONFIRM_QUESTION)
+        # The question goes to stderr with the code: stdout carries only the answer.
+        print(CONFIRM_QUESTION, end="", file=sys.stderr, flush=True)
+        answer = input()
     except (EOFError, KeyboardInterrupt):
         print(file=sys.stderr)
         return False

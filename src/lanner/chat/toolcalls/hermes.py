@@ -6,6 +6,12 @@ allowed before, between and after them. A block the model did not close
 before the end of its answer is still parsed. Qwen3-Coder's XML body
 (``<function=name><parameter=x>value</parameter></function>``) is read too;
 a parameter value is JSON if it parses as JSON, else text.
+
+Small models sometimes drop the tags and answer with the bare object
+(Qwen2.5-Coder-0.5B does, asked "What is 12 factorial?" with a python tool).
+A bare object is a call only where llama3's bare calls may stand (the start
+of the answer, or right after another call) and only with both ``name`` and
+``arguments`` keys; any other JSON stays content.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import json
 import re
 
 from lanner.chat.toolcalls.base import StreamParser as _Base
-from lanner.chat.toolcalls.base import ToolCall, calls_from_json, parse_with
+from lanner.chat.toolcalls.base import ToolCall, calls_from_json, json_end, parse_with
 
 NAME = "hermes"
 NATIVE = True
@@ -62,10 +68,38 @@ def _value(text: str) -> object:
         return text
 
 
+def take_bare(buf: str, final: bool) -> tuple[list[ToolCall], int] | None:
+    """A tag-less ``{"name": ..., "arguments": {...}}`` object at the start of
+    ``buf`` (after whitespace) as a call; see ``StreamParser.take``."""
+    at = len(buf) - len(buf.lstrip())
+    end = json_end(buf, at)
+    if end is None:
+        return None if not final else ([], len(buf))
+    body = buf[at:end]
+    try:
+        value = json.loads(body)
+    except json.JSONDecodeError:
+        return [], end
+    if not (isinstance(value, dict) and "name" in value and "arguments" in value):
+        return [], end
+    return calls_from_json(body), end
+
+
 class StreamParser(_Base):
     markers = (START,)
 
+    def find_start(self, buf: str, final: bool) -> tuple[int, int]:
+        if self.at_boundary:
+            stripped = buf.lstrip()
+            if not stripped:  # only whitespace so far: it may precede a call
+                return -1, len(buf) if final else 0
+            if stripped[0] == "{":
+                return 0, 0
+        return super().find_start(buf, final)
+
     def take(self, buf: str, final: bool) -> tuple[list[ToolCall], int] | None:
+        if buf.lstrip().startswith("{"):
+            return take_bare(buf, final)
         return take_block(buf, final)
 
 
