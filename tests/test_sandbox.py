@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from lanner.tools import sandbox as sandbox_module
-from lanner.tools.sandbox import Limits, Sandbox, SandboxUnavailable
+from lanner.tools.sandbox import Limits, Sandbox, SandboxUnavailable, disk_usage
 
 
 @pytest.fixture
@@ -175,6 +175,23 @@ def test_huge_output_is_stopped_and_cut(box: Sandbox) -> None:
     assert len(result.stdout) <= 50_000
     text = result.to_text()
     assert len(text) < 7000 and "printed more than 50000 bytes" in text
+
+
+def test_filling_the_disk_is_stopped() -> None:
+    # Many files, each under the per-file limit: the working folder's total is watched.
+    limits = Limits(wall_s=20, cpu_s=10, file_bytes=4 << 20, disk_bytes=16 << 20)
+    with Sandbox(limits=limits) as box:
+        (box.workdir / "mine.txt").write_text("kept")
+        result = box.run_python(
+            "import os, itertools\n"
+            "for i in itertools.count():\n"
+            "    with open(f'f{i}.bin', 'wb') as f:\n"
+            "        f.write(os.urandom(2 << 20))\n")
+        assert result.stopped == "disk"
+        assert "added more than 16 MiB to the working folder" in result.to_text()
+        # Stopped within a check or two of the limit, and nothing of the user's lost.
+        assert disk_usage(box.workdir) < 16 * (2 << 20)
+        assert (box.workdir / "mine.txt").read_text() == "kept"
 
 
 def test_fork_bomb_is_contained(box: Sandbox) -> None:

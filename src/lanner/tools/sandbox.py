@@ -19,13 +19,15 @@ Containment comes from bubblewrap (``bwrap``, Debian/Ubuntu package
 - Limits (``Limits``): wall-clock time (the whole sandbox is killed), CPU time,
   address space (memory), processes/threads (RLIMIT_NPROC, effective because
   the user id is not root), size of any one written file, open files, bytes of
-  output kept (the run is stopped past it).
+  output kept (the run is stopped past it), and disk space the run adds to the
+  working folder (measured every ``DISK_CHECK_S``; the run is stopped past it).
 - Environment: cleared; only PATH, HOME, LANG, TMPDIR and thread-count
   variables are set, so no secret in Lanner's environment reaches the code.
 
-Not contained: the working folder's total disk use (each file is limited, their
-number is not), and CPU/memory pressure on the machine for the duration of a
-run (there are no cgroups here). ``/usr`` is readable.
+Not contained: CPU/memory pressure on the machine for the duration of a run
+(there are no cgroups here), and the disk a run fills between two checks of the
+working folder (at most what it can write in ``DISK_CHECK_S``). ``/usr`` is
+readable.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ import sys
 import tempfile
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +53,8 @@ from lanner.errors import LannerError
 INSIDE_WORK = "/lanner/work"
 INSIDE_RUNNER = "/lanner/run/runner.py"
 _RUNNER = Path(__file__).with_name("sandbox_runner.py")
+DISK_CHECK_S = 0.1
+"""How often a running sandbox's working folder is measured (``Limits.disk_bytes``)."""
 _UID_RANGE = (2_000_000, 2_100_000)  # unused ids: RLIMIT_NPROC counts only this run
 
 
@@ -70,6 +75,9 @@ class Limits:
     open_files: int = 256
     output_bytes: int = 256_000
     """Bytes of stdout (and of stderr) kept; the run is stopped past it."""
+    disk_bytes: int = 256 << 20
+    """Disk space (allocated blocks) the run may add to the working folder; the run
+    is stopped past it (what it wrote stays, for the user to see)."""
 
 
 @dataclass
@@ -199,7 +207,9 @@ class Sandbox:
             if proc.stdin is not None:
                 proc.stdin.write(code.encode("utf-8"))
                 proc.stdin.close()
-        result.stopped = streams.pump(time.monotonic() + self.limits.wall_s)
+        base = disk_usage(self.workdir)
+        over_disk = lambda: disk_usage(self.workdir) - base > self.limits.disk_bytes  # noqa: E731
+        result.stopped = streams.pump(time.monotonic() + self.limits.wall_s, over_disk)
         if result.stopped:
             _kill(proc)
         result.exit_code = proc.wait()
@@ -241,14 +251,21 @@ class _Streams:
         self.sel.register(result_fd, selectors.EVENT_READ, 3)
         self.result_fd = result_fd
 
-    def pump(self, deadline: float) -> str | None:
-        """Read until every pipe is closed; "timeout" or "output" if stopped."""
+    def pump(self, deadline: float, over_disk: Callable[[], bool]) -> str | None:
+        """Read until every pipe is closed; "timeout", "output" or "disk" if
+        stopped (``over_disk`` is asked every ``DISK_CHECK_S``)."""
+        next_check = time.monotonic() + DISK_CHECK_S
         try:
             while self.sel.get_map():
-                left = deadline - time.monotonic()
-                if left <= 0:
+                now = time.monotonic()
+                if now >= deadline:
                     return "timeout"
-                for key, _ in self.sel.select(timeout=left):
+                if now >= next_check:
+                    if over_disk():
+                        return "disk"
+                    next_check = now + DISK_CHECK_S
+                wait = min(deadline, next_check) - now
+                for key, _ in self.sel.select(timeout=wait):
                     chunk = os.read(key.fd, 65536)
                     if not chunk:
                         self.sel.unregister(key.fd)
@@ -359,9 +376,32 @@ def _stop_message(stopped: str, limits: Limits, error: str | None) -> str:
         "output": f"the run was stopped: it printed more than {limits.output_bytes} bytes",
         "file size": f"the run was killed: it wrote a file larger than "
                      f"{limits.file_bytes >> 20} MiB",
+        "disk": f"the run was stopped: it added more than {limits.disk_bytes >> 20} MiB "
+                "to the working folder",
     }
     text = messages[stopped]
     return f"{text}; before that: {error}" if error else text
+
+
+def disk_usage(root: Path) -> int:
+    """Bytes of disk the files and folders under ``root`` take (allocated blocks,
+    so a sparse file counts for what it really uses; links not followed)."""
+    total = 0
+    stack = [str(root)]
+    while stack:
+        try:
+            entries = list(os.scandir(stack.pop()))
+        except OSError:  # removed meanwhile, or unreadable
+            continue
+        for entry in entries:
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            total += st.st_blocks * 512
+            if entry.is_dir(follow_symlinks=False):
+                stack.append(entry.path)
+    return total
 
 
 def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
