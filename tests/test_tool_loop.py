@@ -118,6 +118,20 @@ def test_a_repeated_call_is_not_run_again_and_the_model_answers_from_the_results
     assert result.messages[-1] == {"role": "assistant", "content": "I counted to 3."}
 
 
+def test_the_answer_from_results_keeps_the_conversation_around_the_question() -> None:
+    from lanner.tools.loop import _final_question
+
+    history = [{"role": "system", "content": "Be brief."},
+               {"role": "user", "content": "Add 1 and 2."}]
+    asked = _final_question(history, {("sums", '{"a": 1, "b": 2}'): "3"})
+    assert asked[0] == history[0] and len(asked) == 2
+    assert asked[1]["content"].startswith("Add 1 and 2.\n\nResults of the tools you called:")
+    assert 'sums({"a": 1, "b": 2}) returned:\n3' in asked[1]["content"]
+    # a conversation without a user message gets the results as one
+    alone = _final_question(history[:1], {("sums", "{}"): "0"})
+    assert alone[0] == history[0] and "sums({}) returned:\n0" in alone[1]["content"]
+
+
 def test_after_the_tools_are_withdrawn_nothing_is_parsed_as_a_call(lanner_home: Path) -> None:
     model, _ = fake_model([CALL_SUMS, CALL_SUMS], lanner_home)
     result = run_tools(model, "Add.", [sums], max_steps=1)

@@ -217,9 +217,11 @@ def _final_question(history: list[dict[str, Any]],
     of every distinct call, and no tools on offer. Small models that are shown
     their calls and results in the template's tool syntax tend to call again
     rather than answer (Qwen2.5-Coder-0.5B does); in plain words they answer."""
-    last = max(i for i, m in enumerate(history) if m["role"] == "user")
+    users = [i for i, m in enumerate(history) if m["role"] == "user"]
+    last = users[-1] if users else len(history)  # no question: the results alone
+    question = history[last]["content"] if users else ""
     results = [(name, arguments, text) for (name, arguments), text in ran.items()]
-    content = render_prompt("tools_final_answer.jinja", question=history[last]["content"],
+    content = render_prompt("tools_final_answer.jinja", question=question,
                             results=results).strip()
     return [*history[:last], {"role": "user", "content": content}, *history[last + 1:]]
 
