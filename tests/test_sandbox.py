@@ -182,15 +182,17 @@ def test_filling_the_disk_is_stopped() -> None:
     limits = Limits(wall_s=20, cpu_s=10, file_bytes=4 << 20, disk_bytes=16 << 20)
     with Sandbox(limits=limits) as box:
         (box.workdir / "mine.txt").write_text("kept")
+        # 1 MiB files at up to ~100 MiB/s: unchecked, 20 s of this would write ~2 GiB.
         result = box.run_python(
-            "import os, itertools\n"
+            "import os, itertools, time\n"
             "for i in itertools.count():\n"
             "    with open(f'f{i}.bin', 'wb') as f:\n"
-            "        f.write(os.urandom(2 << 20))\n")
+            "        f.write(os.urandom(1 << 20))\n"
+            "    time.sleep(0.01)\n")
         assert result.stopped == "disk"
         assert "added more than 16 MiB to the working folder" in result.to_text()
-        # Stopped within a check or two of the limit, and nothing of the user's lost.
-        assert disk_usage(box.workdir) < 16 * (2 << 20)
+        # Stopped within a few checks of the limit, and nothing of the user's lost.
+        assert disk_usage(box.workdir) < 64 << 20
         assert (box.workdir / "mine.txt").read_text() == "kept"
 
 
