@@ -32,6 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import aiohttp
 import httpx
 
 from lanner.engine.engine import prepare
@@ -68,7 +69,7 @@ def _has_content(line: str) -> bool:
     return '"content":"' in compact and '"content":""' not in compact
 
 
-async def one_stream(client: httpx.AsyncClient, url: str, model: str, i: int,
+async def one_stream(session: aiohttp.ClientSession, url: str, model: str, i: int,
                      n: int) -> tuple[float, int]:
     """(time to first token, completion tokens) of one streaming request."""
     body = {"model": model, "stream": True, "max_tokens": n, "temperature": 0.8, "seed": i,
@@ -76,27 +77,36 @@ async def one_stream(client: httpx.AsyncClient, url: str, model: str, i: int,
             "messages": [{"role": "user",
                           "content": f"Write a long story about {TOPICS[i % len(TOPICS)]}."}]}
     start = time.perf_counter()
-    ttft, chunks, usage = 0.0, 0, None
-    async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as resp:
+    ttft, chunks, usage, done = 0.0, 0, None, False
+    async with session.post(f"{url}/v1/chat/completions", json=body) as resp:
         resp.raise_for_status()
-        # The client shares the 2 cores with the server: it parses JSON only for
-        # the usage chunk and spots content chunks by text, to stay light.
-        async for line in resp.aiter_lines():
-            if not line.startswith("data: {"):
+        # The client shares the 2 cores with the server: aiohttp parses HTTP in
+        # C, and JSON is parsed only for the usage chunk; content chunks are
+        # spotted by text.
+        async for raw in resp.content:
+            line = raw.decode()
+            if line.startswith("data: [DONE]"):
+                done = True
+            elif not line.startswith("data: {"):
                 continue
-            if '"usage":' in line and '"completion_tokens"' in line:
+            elif '"usage":' in line and '"completion_tokens"' in line:
                 usage = json.loads(line[6:])["usage"]["completion_tokens"]
             elif _has_content(line):
                 ttft = ttft or time.perf_counter() - start
                 chunks += 1
+    if not done:
+        raise RuntimeError(f"stream {i} ended without data: [DONE]")
+    # llama_cpp.server sends no usage chunk: count its content chunks instead.
     return ttft, usage if usage is not None else chunks
 
 
 async def load(url: str, model: str, concurrency: int, n: int) -> dict[str, float]:
-    async with httpx.AsyncClient(timeout=600) as client:
+    timeout = aiohttp.ClientTimeout(total=600)
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         start = time.perf_counter()
         results = await asyncio.gather(
-            *(one_stream(client, url, model, i, n) for i in range(concurrency)))
+            *(one_stream(session, url, model, i, n) for i in range(concurrency)))
         wall = time.perf_counter() - start
     ttfts = sorted(r[0] for r in results)
     return {"tok_s": sum(r[1] for r in results) / wall,

@@ -28,14 +28,23 @@ except ImportError as e:  # pragma: no cover - llama-cpp-python is a core depend
     ) from e
 
 from .llamacpp_jobs import GenJob, ScoreJob
-from .llamacpp_native import ContextConfig, Vocab, create_context, load_model, meta_str
+from .llamacpp_native import (
+    ContextConfig,
+    Vocab,
+    create_context,
+    kv_cell_bytes,
+    load_model,
+    meta_str,
+)
 from .llamacpp_sched import Scheduler
 
 DEFAULT_MAX_CTX = 8192
 """Default context: the model's training context, but at most this (KV memory)."""
 
+KV_LAYOUTS = ("unified", "split", "auto")
+
 # Extra keyword options and their defaults.
-_OPTIONS: dict[str, int | bool] = {
+_OPTIONS: dict[str, int | bool | str] = {
     "n_batch": 512,  # tokens per llama_decode step (prompt chunks + one per sequence)
     "n_ubatch": 512,
     # On: a sequence's numbers do not depend on what else shares the batch or the
@@ -43,6 +52,11 @@ _OPTIONS: dict[str, int | bool] = {
     "flash_attn": True,
     "n_gpu_layers": 0,
     "use_mmap": True,
+    # KV cache layout (see llamacpp_native.create_context): "unified" shares
+    # n_ctx cells among all sequences; "split" gives each its own n_ctx cells;
+    # "auto" splits when that fits kv_budget_mib.
+    "kv": "unified",
+    "kv_budget_mib": 0,  # 0: a quarter of this machine's memory, at most 4 GiB
 }
 
 
@@ -58,7 +72,26 @@ def _options(kwargs: dict[str, Any]) -> dict[str, Any]:
     for key in ("n_batch", "n_ubatch"):
         if opts[key] < 1:
             raise InvalidRequest(key, f"must be >= 1, got {opts[key]}")
+    if opts["kv"] not in KV_LAYOUTS:
+        raise InvalidRequest("kv", f"must be one of {', '.join(KV_LAYOUTS)}, got {opts['kv']!r}")
+    if opts["kv_budget_mib"] < 0:
+        raise InvalidRequest("kv_budget_mib", f"must be >= 0, got {opts['kv_budget_mib']}")
     return opts
+
+
+def default_kv_budget() -> int:
+    """Bytes the "auto" layout may give the KV cache: a quarter of physical
+    memory, at most 4 GiB."""
+    try:
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
+        ram = 8 << 30
+    return min(ram // 4, 4 << 30)
+
+
+def split_fits(cell_bytes: int, n_ctx: int, n_seq_max: int, budget: int) -> bool:
+    """Whether ``n_seq_max`` sequences of ``n_ctx`` cells each fit ``budget`` bytes."""
+    return cell_bytes * n_ctx * n_seq_max <= budget
 
 
 def _positive(field: str, value: int | None) -> None:
@@ -72,7 +105,9 @@ class LlamaCppBackend:
     ``n_ctx`` is both the longest sequence (prompt + completion) and the KV cells
     all concurrent sequences share. Extra options (``**kwargs``): ``n_batch``,
     ``n_ubatch``, ``flash_attn``, ``n_gpu_layers``, ``use_mmap``; anything else is
-    an ``InvalidRequest`` naming it. Metrics: ``queue_depth``, ``active_sequences``,
+    an ``InvalidRequest`` naming it. ``kv``: "unified" (default), "split" or
+    "auto" (split when ``n_seq_max * n_ctx`` cells fit ``kv_budget_mib``; the
+    chosen layout is ``kv_layout``). Metrics: ``queue_depth``, ``active_sequences``,
     ``max_batch_seqs``, ``decode_calls``, ``reused_tokens`` (or ``stats()``).
     """
 
@@ -103,22 +138,30 @@ class LlamaCppBackend:
         try:
             self._vocab = Vocab(self._model)
             n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(self._model))
+            window = n_ctx or min(n_ctx_train, DEFAULT_MAX_CTX)
+            split = opts["kv"] == "split"
+            if opts["kv"] == "auto":
+                budget = opts["kv_budget_mib"] << 20 or default_kv_budget()
+                split = split_fits(kv_cell_bytes(self._model), window, n_seq_max, budget)
+            self.kv_layout = "split" if split else "unified"
             cfg = ContextConfig(
-                n_ctx=n_ctx or min(n_ctx_train, DEFAULT_MAX_CTX),
+                n_ctx=window,
                 n_batch=opts["n_batch"],
                 n_ubatch=opts["n_ubatch"],
                 n_seq_max=n_seq_max,
                 n_threads=n_threads or os.cpu_count() or 1,
                 flash_attn=opts["flash_attn"],
+                split_kv=split,
             )
             self._ctx = create_context(self._model, cfg, self.path)
-            self.n_ctx: int = int(llama_cpp.llama_n_ctx(self._ctx))
+            # The longest sequence (llama.cpp may round the window up).
+            self.n_ctx: int = int(llama_cpp.llama_n_ctx_seq(self._ctx))
             self.n_threads = cfg.n_threads
             self.metadata = self._read_metadata(n_ctx_train)
             # llama.cpp may round n_ctx up and clamp n_batch to it: use what it chose.
             n_batch = int(llama_cpp.llama_n_batch(self._ctx))
             self._sched = Scheduler(self._ctx, n_ctx=self.n_ctx, n_batch=n_batch,
-                                    n_seq_max=n_seq_max)
+                                    n_seq_max=n_seq_max, split=split)
         except BaseException:
             self._free_native()
             raise

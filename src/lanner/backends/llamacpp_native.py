@@ -101,25 +101,32 @@ class ContextConfig:
     n_seq_max: int
     n_threads: int
     flash_attn: bool
+    split_kv: bool = False
+    """Each sequence gets its own ``n_ctx`` cells (``n_seq_max * n_ctx`` in all)
+    instead of all of them sharing ``n_ctx``."""
 
 
 def create_context(model: Any, cfg: ContextConfig, path: Path) -> Any:
-    """One llama_context whose KV cache is shared by up to ``n_seq_max`` sequences.
+    """One llama_context serving up to ``n_seq_max`` sequences, each up to
+    ``n_ctx`` positions long.
 
-    ``kv_unified``: every sequence may use up to ``n_ctx`` positions, all of them
-    together at most ``n_ctx`` cells (llama-server's layout for parallel slots).
+    Unified (the default): all sequences share ``n_ctx`` cells (llama-server's
+    layout for parallel slots); every token's attention scans the cells of all
+    of them, idle prefix caches included. Split: each sequence owns ``n_ctx``
+    cells and attends over its own only, as fast as one sequence alone, for
+    ``n_seq_max`` times the memory.
     """
     params = llama_cpp.llama_context_default_params()
-    params.n_ctx = cfg.n_ctx
+    params.n_ctx = cfg.n_ctx * cfg.n_seq_max if cfg.split_kv else cfg.n_ctx
     params.n_batch = cfg.n_batch
     params.n_ubatch = min(cfg.n_ubatch, cfg.n_batch)
     params.n_seq_max = cfg.n_seq_max
     params.n_threads = cfg.n_threads
     params.n_threads_batch = cfg.n_threads
-    params.kv_unified = True
+    params.kv_unified = not cfg.split_kv
     # Flash attention (the default, see LlamaCppBackend) skips other sequences'
     # masked cells instead of summing their zeros, so a sequence's numbers do not
-    # depend on where its cells lie in the shared cache: batched == alone.
+    # depend on where its cells lie in a unified cache: batched == alone.
     params.flash_attn_type = (
         llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
         if cfg.flash_attn
@@ -132,6 +139,22 @@ def create_context(model: Any, cfg: ContextConfig, path: Path) -> Any:
             reason = _errors[-1] if _errors else "llama.cpp could not create a context"
             raise ModelLoadError(f"cannot load {path}: {reason}")
     return ctx
+
+
+def kv_cell_bytes(model: Any) -> int:
+    """Bytes one KV cell takes (F16 keys and values in every layer): an
+    estimate for planning memory, before any context exists."""
+    n_head = max(1, int(llama_cpp.llama_model_n_head(model)))
+    n_head_kv = int(llama_cpp.llama_model_n_head_kv(model)) or n_head
+    arch = meta_str(model, "general.architecture") or ""
+    fallback = int(llama_cpp.llama_model_n_embd(model)) // n_head
+
+    def length(kind: str) -> int:
+        value = meta_str(model, f"{arch}.attention.{kind}_length")
+        return int(value) if value and value.isdigit() else fallback
+
+    per_layer = n_head_kv * (length("key") + length("value")) * 2
+    return int(llama_cpp.llama_model_n_layer(model)) * per_layer
 
 
 def meta_str(model: Any, key: str) -> str | None:

@@ -8,8 +8,9 @@ leave between steps; more than ``n_seq_max`` wait in a FIFO queue.
 
 A finished sequence's KV stays in its slot as a prefix cache: a new request
 starting with the same tokens (the next turn of a chat) takes that slot and
-decodes only the rest. Idle caches are evicted (least recently used first) when
-the cells are needed.
+decodes only the rest. In a unified cache (all slots share ``n_ctx`` cells)
+idle caches are evicted, least recently used first, when the cells are needed;
+in a split cache each slot owns ``n_ctx`` cells and nothing is ever evicted.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from lanner.errors import LannerError
 from .llamacpp_jobs import Job
 
 _CANCEL_WAIT_S = 30.0
+_FAR_REUSE = 512
+"""Cached prompt tokens worth a slot that splits the busy ids (split cache)."""
 
 
 @dataclass(eq=False)
@@ -75,8 +78,11 @@ def common_prefix(a: list[int], b: list[int], cap: int) -> int:
 class Scheduler:
     """Owns the llama.cpp context from its own thread; other threads submit jobs."""
 
-    def __init__(self, ctx: Any, *, n_ctx: int, n_batch: int, n_seq_max: int) -> None:
+    def __init__(self, ctx: Any, *, n_ctx: int, n_batch: int, n_seq_max: int,
+                 split: bool = False) -> None:
         self.ctx = ctx
+        self.split = split
+        """Each slot owns ``n_ctx`` cells (else all slots share ``n_ctx``)."""
         self.mem = llama_cpp.llama_get_memory(ctx)
         self.n_ctx = n_ctx
         self.n_batch = n_batch
@@ -164,14 +170,36 @@ class Scheduler:
             idle = [s for s in self.slots if s.job is None]
             if not idle:
                 return
-            slot = max(idle, key=lambda s: (common_prefix(s.tokens, job.tokens, job.first_output),
-                                            -len(s.tokens), -s.last_used))
+            slot = self._choose(job, idle)
             reuse = common_prefix(slot.tokens, job.tokens, job.first_output)
             # Its cached prefix turns from idle (evictable) into held cells too.
-            if len(job.tokens) > self._unreserved_cells():
+            if not self.split and len(job.tokens) > self._unreserved_cells():
                 return
             self.waiting.popleft()
             self._attach(job, slot, reuse)
+
+    def _choose(self, job: Job, idle: list[Slot]) -> Slot:
+        """The idle slot for ``job``: the longest cached prefix of its tokens.
+
+        In a split cache llama.cpp decodes a batch in one pass only over
+        consecutive sequence ids; each separate run of busy ids costs another
+        pass over all the weights, every step. There a slot that keeps the busy
+        ids in fewer runs wins, unless another holds a long prefix.
+        """
+        def reuse(s: Slot) -> int:
+            return common_prefix(s.tokens, job.tokens, job.first_output)
+
+        if not self.split:
+            return max(idle, key=lambda s: (reuse(s), -len(s.tokens), -s.last_used))
+        busy = {s.seq_id for s in self.slots if s.job is not None}
+        best = max(idle, key=lambda s: (reuse(s), -s.seq_id))
+        if not busy or reuse(best) >= _FAR_REUSE:
+            return best
+
+        def joins(s: Slot) -> int:  # runs removed (1), unchanged (0) or added (-1)
+            return (s.seq_id - 1 in busy) + (s.seq_id + 1 in busy) - 1
+
+        return max(idle, key=lambda s: (joins(s), reuse(s), -s.seq_id))
 
     def _attach(self, job: Job, slot: Slot, reuse: int) -> None:
         if len(slot.tokens) > reuse:
@@ -191,19 +219,30 @@ class Scheduler:
         held = sum(len(s.tokens) for s in self.slots if s.job is not None)
         return self.n_ctx - held - sum(len(j.feed) for j in self.active)
 
-    def _room(self, want: int) -> int:
-        """Up to ``want`` free KV cells, evicting idle prefix caches if needed."""
-        free = self.n_ctx - sum(len(s.tokens) for s in self.slots)
+    def _room(self, slot: Slot, want: int, planned: int = 0) -> int:
+        """Up to ``want`` free KV cells for ``slot``, evicting idle prefix caches
+        if needed (unified cache: ``planned`` cells are promised this step already)."""
+        if self.split:
+            return max(0, min(want, self.n_ctx - len(slot.tokens)))
+        free = self.n_ctx - sum(len(s.tokens) for s in self.slots) - planned
         if free >= want:
             return want
-        idle = sorted((s for s in self.slots if s.job is None and s.tokens),
-                      key=lambda s: s.last_used)
-        while free < want and idle:
-            slot = idle.pop(0)
-            llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
-            free += len(slot.tokens)
-            slot.tokens = []
+        for idle in sorted((s for s in self.slots if s.job is None and s.tokens),
+                           key=lambda s: s.last_used):
+            if free >= want:
+                break
+            free += len(idle.tokens)
+            self._drop(idle)
         return max(0, min(want, free))
+
+    def _evict_idle(self) -> None:
+        for slot in self.slots:
+            if slot.job is None and slot.tokens:
+                self._drop(slot)
+
+    def _drop(self, slot: Slot) -> None:
+        llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
+        slot.tokens = []
 
     def _step(self) -> None:
         plan = self._plan()
@@ -232,20 +271,27 @@ class Scheduler:
 
     def _plan(self) -> list[tuple[Job, Slot, int, int]]:
         """Fill the batch: generating sequences first (one token each), then
-        prompt chunks. Returns (job, slot, tokens taken, first batch index)."""
-        batch = self._batch
-        batch.n = 0
-        plan: list[tuple[Job, Slot, int, int]] = []
+        prompt chunks. Returns (job, slot, tokens taken, first batch index).
+
+        The batch lists sequences by id: llama.cpp's split cache groups only
+        consecutive ids, in batch order, into one pass."""
+        taken: list[tuple[Job, Slot, int]] = []
+        budget = self.n_batch
         for job in sorted(self.active, key=lambda j: len(j.feed) > 1):
-            budget = self.n_batch - batch.n
             if job.done or job.cancelled or not job.feed or budget == 0:
                 continue
             slot = self._slot_of[job]
-            n = self._room(min(budget, len(job.feed)))
+            n = self._room(slot, min(budget, len(job.feed)), self.n_batch - budget)
             if n == 0:
                 if len(slot.tokens) >= len(job.tokens):  # generating: no cell for its next token
                     job.cut()
                 continue
+            taken.append((job, slot, n))
+            budget -= n
+        batch = self._batch
+        batch.n = 0
+        plan: list[tuple[Job, Slot, int, int]] = []
+        for job, slot, n in sorted(taken, key=lambda t: t[1].seq_id):
             start, base = batch.n, len(slot.tokens)
             for i, token in enumerate(job.feed[:n]):
                 batch.add(token, base + i, slot.seq_id, base + i >= job.first_output)
@@ -255,8 +301,9 @@ class Scheduler:
     def _decode(self, n_seqs: int) -> None:
         self._batch.raw.n_tokens = self._batch.n
         rc = llama_cpp.llama_decode(self.ctx, self._batch.raw)
-        if rc == 1:  # no KV slot: our cell accounting should prevent it; free all idle caches
-            self._room(self.n_ctx)
+        if rc == 1 and not self.split:
+            # No KV slot: our cell accounting should prevent it; free all idle caches.
+            self._evict_idle()
             rc = llama_cpp.llama_decode(self.ctx, self._batch.raw)
         if rc != 0:
             raise LannerError(f"llama_decode failed (code {rc})")
@@ -277,8 +324,7 @@ class Scheduler:
         for job in jobs:
             slot = self._slot_of.get(job)
             if slot is not None:
-                llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
-                slot.tokens = []
+                self._drop(slot)
             if not job.done:
                 job.fail(error)
         self._reap()

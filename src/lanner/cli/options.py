@@ -26,7 +26,12 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                    help="default: llama.cpp for .gguf, transformers for folders")
     g.add_argument("--chat-format", help="built-in format name or a .jinja file, "
                    "for models that ship no chat template")
-    g.add_argument("--n-ctx", type=int, help="context window in tokens")
+    g.add_argument("--n-ctx", type=int, help="context window in tokens (per request)")
+    g.add_argument("--kv", choices=("unified", "split", "auto"),
+                   help="llama.cpp KV cache: 'unified' (all requests share n-ctx cells), "
+                   "'split' (each of the 16 sequence slots gets its own n-ctx cells: fastest "
+                   "under concurrency, 16x the memory) or 'auto' (split when that fits a "
+                   "quarter of RAM, at most 4 GiB). Default: unified; serve: auto")
     g.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
                    help="weights dtype (transformers backend)")
 
@@ -77,7 +82,7 @@ def schema_constraint(value: str) -> Constraint:
 
 
 def load_model(args: argparse.Namespace, name: str | None) -> Model:
-    options = {"n_ctx": args.n_ctx, "dtype": args.dtype}
+    options = {"n_ctx": args.n_ctx, "dtype": args.dtype, "kv": args.kv}
     engine = Engine(args.home)
     return engine.load(name or DEFAULT_MODEL, backend=args.backend,
                        chat_format=args.chat_format, **options)

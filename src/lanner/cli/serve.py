@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-embeddings", action="store_true",
                    help="do not serve the bundled embedding model on /v1/embeddings")
     options.add_model_flags(p)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, kv="auto")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     for name in names:
         resolve(name, engine.home)  # an unknown name fails now, not on first request
     load_options = {"backend": args.backend, "chat_format": args.chat_format,
-                    "n_ctx": args.n_ctx, "dtype": args.dtype}
+                    "n_ctx": args.n_ctx, "dtype": args.dtype, "kv": args.kv}
     app = create_app(engine, names, api_key=args.api_key, keep_alive_s=args.keep_alive,
                      max_queue=args.max_queue, embedder=None if args.no_embeddings else ...,
                      load_options={k: v for k, v in load_options.items() if v is not None})

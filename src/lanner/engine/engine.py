@@ -43,6 +43,8 @@ def open_backend(spec: ModelSpec, backend: str | None = None, **options: Any) ->
         ) from exc
     cls = getattr(module, cls_name)
     kwargs = {k: v for k, v in options.items() if v is not None}
+    if name != "llama.cpp" and kwargs.get("kv") == "auto":
+        del kwargs["kv"]  # the default KV layout choice; other backends have no such choice
     result: Backend = cls(spec.path, **kwargs)
     return result
 
