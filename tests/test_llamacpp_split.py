@@ -16,7 +16,7 @@ from lanner.backends.llamacpp_native import kv_cell_bytes
 from lanner.engine.types import Completion, Request, collect
 from lanner.errors import InvalidRequest
 
-pytest.importorskip("llama_cpp")
+llama_cpp = pytest.importorskip("llama_cpp")
 
 PROMPTS = ["The capital of Italy is", "def fibonacci(n):", "Roses are red,",
            "My favourite food is"]
@@ -108,3 +108,25 @@ def test_a_new_request_keeps_busy_slots_contiguous(tinycoder_gguf: Path) -> None
         finally:
             s0.job = s2.job = None
             s3.tokens = []
+
+
+def test_every_context_decodes_on_one_thread(smollm2_gguf: Path, tinycoder_gguf: Path) -> None:
+    # ggml uses OpenMP here: a second decoding thread would start a second
+    # OpenMP team, and with more OpenMP threads than cores every context in
+    # the process decodes ~25% slower (docs/benchmarks.md).
+    seen: set[int] = set()
+    real = llama_cpp.llama_decode
+
+    def spy(ctx: Any, batch: Any) -> int:
+        seen.add(threading.get_ident())
+        return int(real(ctx, batch))
+
+    llama_cpp.llama_decode = spy
+    try:
+        with LlamaCppBackend(smollm2_gguf, n_ctx=256) as a, \
+                LlamaCppBackend(tinycoder_gguf, n_ctx=256) as b:
+            outs = [greedy(a, "Hello", 4), greedy(b, "Hello", 4)]
+    finally:
+        llama_cpp.llama_decode = real
+    assert all(c.finish is not None for c in outs)
+    assert len(seen) == 1 and threading.get_ident() not in seen

@@ -12,6 +12,7 @@ import re
 import threading
 from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -155,6 +156,23 @@ def kv_cell_bytes(model: Any) -> int:
 
     per_layer = n_head_kv * (length("key") + length("value")) * 2
     return int(llama_cpp.llama_model_n_layer(model)) * per_layer
+
+
+_decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lanner-ggml")
+
+
+def decode(ctx: Any, batch: Any) -> int:
+    """``llama_decode`` on the process's one decoding thread.
+
+    ggml runs its worker threads with OpenMP here, and OpenMP gives each thread
+    that starts parallel work its own team. With two teams (two backends, each
+    decoding on its own scheduler thread) there are more OpenMP threads than
+    cores, libgomp stops spinning at barriers, and every context in the process
+    decodes about 25% slower, even while the other one is idle. One thread for
+    every context keeps one team (and two models never fight for the cores).
+    """
+    result: int = _decoder.submit(llama_cpp.llama_decode, ctx, batch).result()
+    return result
 
 
 def meta_str(model: Any, key: str) -> str | None:

@@ -27,6 +27,7 @@ import llama_cpp
 from lanner.errors import LannerError
 
 from .llamacpp_jobs import Job
+from .llamacpp_native import decode
 
 _CANCEL_WAIT_S = 30.0
 _FAR_REUSE = 512
@@ -300,11 +301,11 @@ class Scheduler:
 
     def _decode(self, n_seqs: int) -> None:
         self._batch.raw.n_tokens = self._batch.n
-        rc = llama_cpp.llama_decode(self.ctx, self._batch.raw)
+        rc = decode(self.ctx, self._batch.raw)
         if rc == 1 and not self.split:
             # No KV slot: our cell accounting should prevent it; free all idle caches.
             self._evict_idle()
-            rc = llama_cpp.llama_decode(self.ctx, self._batch.raw)
+            rc = decode(self.ctx, self._batch.raw)
         if rc != 0:
             raise LannerError(f"llama_decode failed (code {rc})")
         self.decode_calls += 1
