@@ -13,8 +13,10 @@ import pytest
 from lanner.backends.llamacpp import LlamaCppBackend, split_fits
 from lanner.backends.llamacpp_jobs import Job
 from lanner.backends.llamacpp_native import kv_cell_bytes
+from lanner.engine.engine import Engine
 from lanner.engine.types import Completion, Request, collect
 from lanner.errors import InvalidRequest
+from lanner.server.pool import describe
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
@@ -71,13 +73,17 @@ def test_each_request_gets_the_whole_window(tinycoder_gguf: Path) -> None:
         assert min(totals) < 256  # they shared 256 cells: one was cut short
 
 
-def test_auto_splits_only_within_the_budget(smollm2_gguf: Path) -> None:
+def test_auto_splits_only_within_the_budget(smollm2_gguf: Path, tmp_path: Path) -> None:
     # SmolLM2-135M: 30 layers, 3 KV heads of 64 dims, F16 keys and values.
     assert split_fits(30 * 3 * (64 + 64) * 2, 512, 4, 45 << 20)
     with LlamaCppBackend(smollm2_gguf, n_ctx=512, n_seq_max=4, kv="auto",
                          kv_budget_mib=45) as roomy:
         assert kv_cell_bytes(roomy._model) == 30 * 3 * (64 + 64) * 2
         assert roomy.kv_layout == "split"  # 4 x 512 cells x 22.5 KiB = 45 MiB
+        assert roomy.kv_bytes == 45 << 20
+        model = Engine(tmp_path).attach("smol", roomy)
+        assert describe(model) == ("llama.cpp, 512 tokens a request, 4 slots, "
+                                   "split KV cache of 0.04 GiB")
     with LlamaCppBackend(smollm2_gguf, n_ctx=512, n_seq_max=4, kv="auto",
                          kv_budget_mib=44) as tight:
         assert tight.kv_layout == "unified"

@@ -156,6 +156,9 @@ class LlamaCppBackend:
             self._ctx = create_context(self._model, cfg, self.path)
             # The longest sequence (llama.cpp may round the window up).
             self.n_ctx: int = int(llama_cpp.llama_n_ctx_seq(self._ctx))
+            self.n_seq_max = n_seq_max
+            self.kv_bytes = kv_cell_bytes(self._model) * int(llama_cpp.llama_n_ctx(self._ctx))
+            """The KV cache's size (an estimate: F16 keys and values)."""
             self.n_threads = cfg.n_threads
             self.metadata = self._read_metadata(n_ctx_train)
             # llama.cpp may round n_ctx up and clamp n_batch to it: use what it chose.

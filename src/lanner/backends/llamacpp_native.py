@@ -8,11 +8,11 @@ reading metadata, and the vocabulary (tokenize, detokenize, token pieces).
 from __future__ import annotations
 
 import ctypes
+import queue
 import re
 import threading
 from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -158,7 +158,35 @@ def kv_cell_bytes(model: Any) -> int:
     return int(llama_cpp.llama_model_n_layer(model)) * per_layer
 
 
-_decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lanner-ggml")
+class _Decoder:
+    """One daemon thread that runs every ``llama_decode`` of the process."""
+
+    def __init__(self) -> None:
+        self._calls: queue.SimpleQueue[tuple[Any, Any, list[int], threading.Lock]] = \
+            queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="lanner-ggml", daemon=True)
+        self._thread.start()
+
+    def decode(self, ctx: Any, batch: Any) -> int:
+        done = threading.Lock()
+        done.acquire()
+        result = [0]
+        self._calls.put((ctx, batch, result, done))
+        done.acquire()  # released by the decoding thread
+        return result[0]
+
+    def _run(self) -> None:
+        while True:
+            ctx, batch, result, done = self._calls.get()
+            try:
+                result[0] = int(llama_cpp.llama_decode(ctx, batch))
+            except BaseException:  # pragma: no cover - ctypes raises nothing here
+                result[0] = -1
+            finally:
+                done.release()
+
+
+_decoder: _Decoder | None = None
 
 
 def decode(ctx: Any, batch: Any) -> int:
@@ -171,8 +199,12 @@ def decode(ctx: Any, batch: Any) -> int:
     decodes about 25% slower, even while the other one is idle. One thread for
     every context keeps one team (and two models never fight for the cores).
     """
-    result: int = _decoder.submit(llama_cpp.llama_decode, ctx, batch).result()
-    return result
+    global _decoder
+    if _decoder is None:
+        with _init_lock:
+            if _decoder is None:
+                _decoder = _Decoder()
+    return _decoder.decode(ctx, batch)
 
 
 def meta_str(model: Any, key: str) -> str | None:

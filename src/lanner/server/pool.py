@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -21,6 +22,9 @@ from typing import Any
 from lanner.engine.engine import Engine
 from lanner.engine.model import Model
 from lanner.errors import ModelNotFound, Overloaded
+
+# uvicorn's own logger: its handler prints INFO lines beside "Uvicorn running on".
+log = logging.getLogger("uvicorn.error")
 
 
 @dataclass
@@ -134,6 +138,7 @@ class ModelPool:
                 if entry.model is None:
                     entry.model = await asyncio.to_thread(
                         self.engine.load, name, **self.load_options)
+                    log.info("Loaded %s: %s", name, describe(entry.model))
         except BaseException:
             lease.release_all()
             raise
@@ -176,3 +181,15 @@ class ModelPool:
             if entry.model is not None and not entry.pinned:
                 self.engine.unload(entry.model)
                 entry.model = None
+
+
+def describe(model: Model) -> str:
+    """The backend and its window, and the KV layout where it has one."""
+    backend = model.backend
+    text = f"{backend.name}, {backend.n_ctx} tokens a request"
+    layout = getattr(backend, "kv_layout", None)
+    if layout is not None:
+        slots = getattr(backend, "n_seq_max", 0)
+        size = getattr(backend, "kv_bytes", 0) / 2**30
+        text += f", {slots} slots, {layout} KV cache of {size:.2f} GiB"
+    return text
