@@ -388,3 +388,24 @@ def test_close_ends_streams_in_flight_and_later_calls(smollm2_gguf: Path) -> Non
         backend.tokenize("hello")
     with pytest.raises(LannerError, match="closed"):
         backend.stream(Request("hello"))
+
+
+def test_prompt_logprobs_match_llama_cpp_python_logits(smol: LlamaCppBackend,
+                                                       reference: Any) -> None:
+    text = "Le café est très bon, 日本語も少し。"
+    ids = smol.tokenize(text)
+    scored = smol.prompt_logprobs(ids, top=3)
+    assert [t.id for t in scored] == ids
+    # Whole characters only: the texts join up to the prompt exactly.
+    assert "".join(t.text for t in scored) == text
+    assert scored[0].logprob is None and scored[0].top == ()
+    reference.reset()
+    reference.eval(ids)  # one batch, as prompt_logprobs decodes it
+    for k in range(1, len(ids)):
+        expected = log_softmax(reference.scores[k - 1])
+        token = scored[k]
+        assert token.logprob == pytest.approx(expected[ids[k]], abs=1e-3)
+        assert [a.token_id for a in token.top] == list(np.argsort(-expected, kind="stable")[:3])
+    with pytest.raises(InvalidRequest, match="prompt"):
+        smol.prompt_logprobs([])
+    assert smol.prompt_logprobs(ids[:1], top=2)[0].logprob is None

@@ -523,3 +523,19 @@ def test_converted_tinycoder_matches_hf_generate_and_keeps_spaces(
     prompt_text = tinycoder.detokenize(prompt_ids)
     assert prompt_text + out.text == tinycoder.detokenize(prompt_ids + ids)
     assert " " in out.text
+
+
+def test_prompt_logprobs_equal_model_logprobs(llama: TransformersBackend) -> None:
+    ids = llama.tokenize("the quick brown fox")
+    scored = llama.prompt_logprobs(ids, top=3)
+    assert [t.id for t in scored] == ids
+    assert scored[0].logprob is None and scored[0].top == ()
+    with torch.inference_mode():
+        logprobs = torch.log_softmax(llama.model(torch.tensor([ids])).logits[0].float(), -1)
+    for k in range(1, len(ids)):
+        assert scored[k].logprob == pytest.approx(float(logprobs[k - 1, ids[k]]), abs=1e-4)
+        best = torch.topk(logprobs[k - 1], 3).indices.tolist()
+        assert [a.token_id for a in scored[k].top] == best
+    assert "".join(t.text for t in scored) == llama.detokenize(ids)
+    with pytest.raises(InvalidRequest, match="prompt"):
+        llama.prompt_logprobs([5, 10_000])

@@ -17,7 +17,7 @@ from typing import Any, cast
 
 from lanner.backends.base import ModelMetadata
 from lanner.engine.constrain import Matcher
-from lanner.engine.types import Event, Finish, Request
+from lanner.engine.types import Event, Finish, Request, Token
 from lanner.errors import BackendUnavailable, ContextLengthExceeded, InvalidRequest, LannerError
 
 try:
@@ -27,7 +27,7 @@ except ImportError as e:  # pragma: no cover - llama-cpp-python is a core depend
         f"the llama.cpp backend needs llama-cpp-python (pip install llama-cpp-python): {e}"
     ) from e
 
-from .llamacpp_jobs import GenJob, ScoreJob
+from .llamacpp_jobs import GenJob, Job, PromptJob, ScoreJob
 from .llamacpp_native import (
     ContextConfig,
     Vocab,
@@ -239,16 +239,27 @@ class LlamaCppBackend:
             raise InvalidRequest("continuation", "adds no tokens to the context")
         if len(whole) > self.n_ctx:
             raise ContextLengthExceeded(len(whole), self.n_ctx)
-        job = ScoreJob(whole, n_context, self._vocab.n_vocab)
-        self._sched.submit(job)
-        try:
-            result = self._sched.next_event(job)
-        finally:
-            self._sched.cancel(job)
-        if isinstance(result, Exception):
-            raise result
-        total, greedy = cast(tuple[float, bool], result)
+        total, greedy = cast(tuple[float, bool],
+                             self._result(ScoreJob(whole, n_context, self._vocab.n_vocab)))
         return total, greedy
+
+    def prompt_logprobs(self, ids: Sequence[int], top: int = 0) -> list[Token]:
+        """Each token of ``ids`` with log P(token | the tokens before it) and its
+        ``top`` most likely alternatives, in one batched pass; the first token
+        has no context and gets None."""
+        self._check_open()
+        ids = list(ids)
+        self._check_ids("prompt", ids)
+        if not ids:
+            raise InvalidRequest("prompt", "must not be empty")
+        if len(ids) > self.n_ctx:
+            raise ContextLengthExceeded(len(ids), self.n_ctx)
+        if not 0 <= top <= 20:
+            raise InvalidRequest("top_logprobs", f"must be in [0, 20], got {top}")
+        job = PromptJob(ids, top, self._vocab)
+        if len(ids) == 1:
+            return job.scored
+        return cast(list[Token], self._result(job))
 
     def close(self) -> None:
         """Stop the scheduler (pending requests fail) and free the model."""
@@ -268,6 +279,17 @@ class LlamaCppBackend:
         self.close()
 
     # -- helpers ---------------------------------------------------------------
+
+    def _result(self, job: Job) -> object:
+        """Run a scoring job to its one result."""
+        self._sched.submit(job)
+        try:
+            result = self._sched.next_event(job)
+        finally:
+            self._sched.cancel(job)
+        if isinstance(result, Exception):
+            raise result
+        return result
 
     def _events(
         self, prompt: list[int], request: Request, limit: int

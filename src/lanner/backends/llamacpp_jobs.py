@@ -1,5 +1,5 @@
 """What the llama.cpp scheduler runs: a generation (``GenJob``) or a scoring pass
-(``ScoreJob``, for ``loglikelihood``).
+(``ScoreJob`` for ``loglikelihood``, ``PromptJob`` for ``prompt_logprobs``).
 
 A job owns one KV sequence while it is active. The scheduler feeds ``feed`` into
 the shared batch and calls ``on_output`` for every position at or past
@@ -232,4 +232,34 @@ class ScoreJob(Job):
         self.greedy = self.greedy and int(np.argmax(row)) == target
         if pos + 2 == len(self.targets):
             self.out.put((self.total, self.greedy))
+            self.done = True
+
+
+class PromptJob(Job):
+    """Every token of ``ids`` with log P(token | the ones before it) and its
+    ``top`` most likely alternatives; the first token, with no context, gets
+    None (what ``echo`` with ``logprobs`` shows)."""
+
+    def __init__(self, ids: list[int], top: int, vocab: Vocab) -> None:
+        # The last token is only a target: its own logits are never needed.
+        super().__init__(ids[:-1], 0)
+        self.ids = ids
+        self.top = top
+        self.vocab = vocab
+        # Whole characters only: a token holding part of one shows "" and the
+        # token that completes it shows the character, so the texts join up.
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.scored = [Token(ids[0], self.decoder.decode(vocab.piece(ids[0])))]
+
+    def on_output(self, ctx: Any, index: int, pos: int) -> None:
+        target = self.ids[pos + 1]
+        lp = log_softmax(logits_row(ctx, index, self.vocab.n_vocab))
+        top = tuple(TopLogprob(self.vocab.piece(int(i)).decode("utf-8", "replace"),
+                               float(lp[i]), int(i))
+                    for i in (top_ids(lp, self.top) if self.top else ()))
+        last = pos + 2 == len(self.ids)
+        text = self.decoder.decode(self.vocab.piece(target), final=last)
+        self.scored.append(Token(target, text, float(lp[target]), top))
+        if last:
+            self.out.put(self.scored)
             self.done = True

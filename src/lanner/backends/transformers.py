@@ -269,6 +269,35 @@ class TransformersBackend:
         ids = (context_ids + continuation_ids)[-(self.n_ctx + 1) :]
         return self._score(ids[:-1], continuation_ids)
 
+    @torch.inference_mode()
+    def prompt_logprobs(self, ids: Sequence[int], top: int = 0) -> list[Token]:
+        """Each token of ``ids`` with log P(token | the tokens before it) and its
+        ``top`` most likely alternatives, in one forward pass; the first token
+        has no context and gets None. Texts are whole characters (a token
+        holding part of one shows ""), so they join up to the prompt's text."""
+        ids = self._prompt_ids(ids)
+        if len(ids) > self.n_ctx:
+            raise ContextLengthExceeded(len(ids), self.n_ctx)
+        if not 0 <= top <= 20:
+            raise InvalidRequest("top_logprobs", f"must be in [0, 20], got {top}")
+        texts = IncrementalDetokenizer(self.detokenize, [])
+        out = [self._token(ids[0], texts.push(ids[0]), None, [])]
+        if len(ids) > 1:
+            logits = self._forward(torch.tensor([ids[:-1]], device=self.device), 0, None)
+            logprobs = torch.log_softmax(logits.float(), dim=-1)  # row k predicts ids[k + 1]
+            for k, token_id in enumerate(ids[1:]):
+                alternatives: list[tuple[int, float]] = []
+                if top:
+                    values, best = torch.topk(logprobs[k], top)
+                    alternatives = list(zip(best.tolist(), values.tolist(), strict=True))
+                out.append(self._token(token_id, texts.push(token_id),
+                                       float(logprobs[k, token_id]), alternatives))
+        tail = texts.flush()
+        if tail:
+            last = out[-1]
+            out[-1] = Token(last.id, last.text + tail, last.logprob, last.top)
+        return out
+
     def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         spaces = len(context) - len(context.rstrip())
         if spaces:

@@ -57,12 +57,12 @@ def prompt_logprobs(model: Model, prompt: str, ids: Sequence[int], top: int) -> 
     """Each prompt token with log P(token | the tokens before it); the BOS the
     model adds is left out (it is not part of the echoed text).
 
-    Uses the backend's ``prompt_logprobs(ids, top)`` when it has one (one
-    forward pass, returning one Token per id). Otherwise falls back on
-    ``loglikelihood(context, token)`` per token: one scoring pass per token
-    (fast with llama.cpp's prefix cache), no alternatives, and exact where the
-    prefix's text tokenizes back to the same ids; tokens holding part of a
-    character get None. The first token, which has no context of its own,
+    Uses the backend's ``prompt_logprobs(ids, top)`` (llama.cpp and
+    transformers: one forward pass, one Token per id, with the ``top``
+    alternatives). A backend without it falls back on ``loglikelihood(context,
+    token)`` per token: one scoring pass per token, no alternatives, and exact
+    where the prefix's text tokenizes back to the same ids; tokens holding part
+    of a character get None. The first token, which has no context of its own,
     gets None, as in OpenAI's answers.
     """
     backend = model.backend
