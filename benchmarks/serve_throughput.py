@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
+import itertools
 import json
 import os
 import socket
@@ -72,13 +73,20 @@ def _has_content(line: str) -> bool:
     return '"content":"' in compact and '"content":""' not in compact
 
 
+_requests = itertools.count()
+
+
 async def one_stream(session: aiohttp.ClientSession, url: str, model: str, i: int,
                      n: int) -> tuple[float, int]:
-    """(time to first token, completion tokens) of one streaming request."""
+    """(time to first token, completion tokens) of one streaming request. Every
+    request's message is new (a serial number first), so a server's prefix
+    cache can reuse the system prompt but never a whole earlier prompt."""
+    serial = next(_requests)
     body = {"model": model, "stream": True, "max_tokens": n, "temperature": 0.8, "seed": i,
             "stream_options": {"include_usage": True},
             "messages": [{"role": "user",
-                          "content": f"Write a long story about {TOPICS[i % len(TOPICS)]}."}]}
+                          "content": f"#{serial}. Write a long story about "
+                                     f"{TOPICS[i % len(TOPICS)]}."}]}
     start = time.perf_counter()
     ttft, chunks, usage, done = 0.0, 0, None, False
     async with session.post(f"{url}/v1/chat/completions", json=body) as resp:
@@ -218,7 +226,8 @@ def main() -> None:
                        args.model, "--port", str(port), "--no-embeddings", *extra.split()]
                 url = f"http://127.0.0.1:{port}"
                 servers[f"lanner serve {extra}".strip()] = (start(cmd, port, "/health"), url)
-                asyncio.run(load(url, args.model, 1, 8))  # warm-up
+                for c in levels:  # warm-up: the first batches of each shape are slower
+                    asyncio.run(load(url, args.model, c, 16))
         for _ in range(args.repeats):
             for c in levels:
                 if "raw" not in skip:
