@@ -443,7 +443,7 @@ def test_concurrent_requests_finish_and_free_their_slots(
 # One llama.cpp thread: the test process's own client threads share the two
 # cores, and llama.cpp's spinning worker threads slow down badly when
 # oversubscribed.
-REAL_OPTIONS = {"n_threads": 1}
+REAL_OPTIONS = {"n_threads": 1}  # the unified KV cache; the load test serves a split one
 QUESTION = user("What is the capital of France? Answer in one sentence.")
 
 

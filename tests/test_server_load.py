@@ -71,7 +71,9 @@ def real_server(
     pytest.importorskip("llama_cpp")
     engine = Engine(tmp_path_factory.mktemp("home"))
     # One llama.cpp thread: the 64 clients in this process need the other core.
-    app = create_app(engine, ["smollm2"], load_options={"n_threads": 1}, embedder=None)
+    # The split KV cache, as `lanner serve` picks for this model (a smaller window).
+    app = create_app(engine, ["smollm2"], embedder=None,
+                     load_options={"n_threads": 1, "kv": "split", "n_ctx": 2048})
     with serving(app) as server:
         yield server
     engine.close()
