@@ -203,3 +203,13 @@ def _wait_for_turns(db: Path, n: int, timeout: float = 120) -> None:
                 pass
         time.sleep(0.2)
     raise AssertionError(f"{n} turns were not logged in {timeout} s")
+
+
+def test_models_lists_the_bundled_model_and_what_it_runs_as(lanner_home: Path) -> None:
+    listed = lanner("models", home=lanner_home)
+    assert listed.returncode == 0, listed.stderr
+    rows = {line.split()[0]: line for line in listed.stdout.splitlines()[1:]}
+    # The shipped Q4_1 file, which llama.cpp re-encodes as F16 before running it.
+    assert "98.4 MB" in rows["smollm2"] and "gguf -> f16" in rows["smollm2"]
+    assert "Apache-2.0" in rows["smollm2"]
+    assert "->" not in rows["smollm2-q4_1"]

