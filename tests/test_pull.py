@@ -337,3 +337,18 @@ def test_corrupt_registry_is_a_clear_error_never_overwritten(lanner_home: Path,
         line = last_error(lanner(lanner_home, *args))
         assert str(index) in line, args
     assert index.read_text() == '{"mine": {"path": "/x.gguf"},'
+
+
+def test_concurrent_registrations_keep_every_entry(lanner_home: Path,
+                                                   tinycoder_gguf: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lanner.engine.registry import add_entry, remove_entry
+
+    names = [f"model-{i}" for i in range(24)]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda n: add_entry(lanner_home, n, {"path": str(tinycoder_gguf)}), names))
+    assert sorted(json.loads((lanner_home / "models.json").read_text())) == sorted(names)
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda n: remove_entry(lanner_home, n), names[::2]))
+    assert sorted(json.loads((lanner_home / "models.json").read_text())) == sorted(names[1::2])

@@ -6,10 +6,12 @@ LANNER_HOME written by ``lanner pull``); never from sniffing a name's substrings
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -132,22 +134,43 @@ def add_entry(home: Path, name: str, entry: dict[str, str], *, replace: bool = F
     written to a temporary file and renamed, so a crash never leaves half a file.
     """
     check_name(name)
-    entries = _home_entries(home)
-    if name in entries and not replace:
-        raise LannerError(f"a model named {name!r} is already registered "
-                          f"(at {entries[name]['path']}); remove it first with `lanner rm {name}`")
-    _write_entries(home, {**entries, name: entry})
+    with _locked(home):
+        entries = _home_entries(home)
+        if name in entries and not replace:
+            raise LannerError(f"a model named {name!r} is already registered (at "
+                              f"{entries[name]['path']}); remove it first with `lanner rm {name}`")
+        _write_entries(home, {**entries, name: entry})
 
 
 def remove_entry(home: Path, name: str) -> dict[str, str]:
     """Drop ``name`` from models.json and return its entry; files are left alone."""
-    entries = _home_entries(home)
-    if name not in entries:
-        what = "a bundled model and cannot be removed" if name in BUNDLED else "not registered"
-        raise ModelNotFound(f"{name!r} is {what} (see `lanner models`)")
-    entry = entries.pop(name)
-    _write_entries(home, entries)
+    with _locked(home):
+        entries = _home_entries(home)
+        if name not in entries:
+            what = "a bundled model and cannot be removed" if name in BUNDLED else "not registered"
+            raise ModelNotFound(f"{name!r} is {what} (see `lanner models`)")
+        entry = entries.pop(name)
+        _write_entries(home, entries)
     return entry
+
+
+@contextlib.contextmanager
+def _locked(home: Path) -> Iterator[None]:
+    """Hold ``<home>/.models.lock`` while reading and rewriting models.json, so
+    two ``lanner pull``/``add``/``rm`` at once never lose each other's entry.
+    (Where ``fcntl`` does not exist, Windows, writes stay atomic but unlocked.)"""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    home.mkdir(parents=True, exist_ok=True)
+    with open(home / ".models.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _write_entries(home: Path, entries: dict[str, dict[str, str]]) -> None:
