@@ -409,3 +409,48 @@ def test_prompt_logprobs_match_llama_cpp_python_logits(smol: LlamaCppBackend,
     with pytest.raises(InvalidRequest, match="prompt"):
         smol.prompt_logprobs([])
     assert smol.prompt_logprobs(ids[:1], top=2)[0].logprob is None
+
+
+def test_stream_to_delivers_the_events_of_stream_and_stops_at_once(
+        smol: LlamaCppBackend) -> None:
+    import queue
+
+    def drain(items: queue.SimpleQueue[object]) -> list[object]:
+        out = []
+        while (item := items.get(timeout=30)) is not None:  # None: the job has left
+            out.append(item)
+        return out
+
+    items: queue.SimpleQueue[object] = queue.SimpleQueue()
+    smol.stream_to(Request("Once upon a time", max_tokens=12, temperature=0), items.put)
+    got = drain(items)
+    assert isinstance(got[-1], Finish)
+    assert "".join(e.text for e in got if isinstance(e, TextDelta)) == \
+        greedy(smol, "Once upon a time", 12).text
+    stop = smol.stream_to(Request("Once upon a time", max_tokens=1000, temperature=0.8,
+                                  seed=1), items.put)
+    assert isinstance(items.get(timeout=30), TextDelta)
+    stop()  # returns at once; the job leaves at the next step
+    assert len(drain(items)) < 20
+    assert smol.active_sequences == 0
+    with pytest.raises(ContextLengthExceeded):
+        smol.stream_to(Request([1] * 3000), items.put)
+
+
+def test_stopping_a_queued_stream_to_leaves_the_queue_at_once(smollm2_gguf: Path) -> None:
+    import queue
+
+    with LlamaCppBackend(smollm2_gguf, n_ctx=512, n_seq_max=1) as backend:
+        first: queue.SimpleQueue[object] = queue.SimpleQueue()
+        stop_first = backend.stream_to(Request("One", max_tokens=400, temperature=0), first.put)
+        assert isinstance(first.get(timeout=30), TextDelta)
+        second: queue.SimpleQueue[object] = queue.SimpleQueue()
+        stop_second = backend.stream_to(Request("Two", max_tokens=4, temperature=0), second.put)
+        assert backend.queue_depth == 1
+        stop_second()  # a client gone while queued: out of the queue, no slot ever taken
+        assert backend.queue_depth == 0
+        assert second.get(timeout=1) is None
+        stop_first()
+        while first.get(timeout=30) is not None:
+            pass
+        assert backend.active_sequences == 0

@@ -598,3 +598,27 @@ def test_real_embeddings_unit_vectors_and_exact_tokens(
     assert too_long.status_code == 400
     assert too_long.json()["error"]["param"] == "input"
     assert "input[1]" in too_long.json()["error"]["message"]
+
+
+def test_real_client_leaving_mid_stream_frees_its_slot_at_once(
+    real: openai.OpenAI, real_server: LiveServer,
+) -> None:
+    real.models.list()
+    real.chat.completions.create(model="smollm2", messages=QUESTION, max_tokens=1)  # loaded
+    backend = served_model(real_server).backend
+    body = {"model": "smollm2", "stream": True, "max_tokens": 2000, "seed": 1,
+            "messages": user("Write a very long story about the sea.")}
+    with httpx.Client(timeout=30) as http, \
+            http.stream("POST", real_server.url + "/v1/chat/completions", json=body) as r:
+        lines = r.iter_lines()
+        for _ in range(6):
+            next(lines)
+        assert backend.active_sequences == 1  # type: ignore[attr-defined]
+    left = time.monotonic()
+    assert wait_for(lambda: backend.active_sequences == 0, timeout=3)  # type: ignore[attr-defined]
+    assert time.monotonic() - left < 1.0
+    pool = real_server.app.state.lanner.pool
+    assert wait_for(lambda: pool.in_flight == 0 and pool.waiting == 0)
+    # The server goes on: the next request is answered.
+    reply = real.chat.completions.create(model="smollm2", messages=QUESTION, max_tokens=4)
+    assert reply.usage is not None and reply.usage.completion_tokens > 0

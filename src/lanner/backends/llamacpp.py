@@ -10,7 +10,7 @@ were asked for.
 from __future__ import annotations
 
 import os
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, cast
@@ -219,14 +219,27 @@ class LlamaCppBackend:
     def stream(self, request: Request) -> Generator[Event, None, None]:
         """Validate now (raising ``ContextLengthExceeded``/``InvalidRequest`` at the
         call), then generate lazily: nothing runs until the first ``next``."""
-        self._check_open()
-        prompt = self._prompt_ids(request)
-        if len(prompt) >= self.n_ctx:
-            raise ContextLengthExceeded(len(prompt), self.n_ctx)
-        limit = self.n_ctx - len(prompt)
-        if request.max_tokens is not None:
-            limit = min(limit, request.max_tokens)
+        prompt, limit = self._checked(request)
         return self._events(prompt, request, limit)
+
+    def stream_to(self, request: Request, sink: Callable[[object], None]) -> Callable[[], None]:
+        """Generate for ``request`` with no thread of the caller's waiting on it.
+
+        ``sink`` gets each Event, or the Exception that ends the stream, then
+        ``None`` once the request has left the batch; it is called on the
+        scheduler thread and must return at once (a server hands the item to
+        its event loop). Validation errors raise here. Returns ``stop``, which
+        makes the request leave at the next step and returns at once.
+        """
+        prompt, limit = self._checked(request)
+        job = self._gen_job(prompt, request, limit)
+        job.sink = sink
+        try:
+            self._sched.submit(job)
+        except BaseException:
+            job.free()
+            raise
+        return lambda: self._sched.cancel(job, wait=False)
 
     def loglikelihood(self, context: str, continuation: str) -> tuple[float, bool]:
         """lm-evaluation-harness: trailing spaces of the context move to the
@@ -291,13 +304,27 @@ class LlamaCppBackend:
             raise result
         return result
 
-    def _events(
-        self, prompt: list[int], request: Request, limit: int
-    ) -> Generator[Event, None, None]:
+    def _checked(self, request: Request) -> tuple[list[int], int]:
+        """The prompt's ids and the most tokens it may generate."""
+        self._check_open()
+        prompt = self._prompt_ids(request)
+        if len(prompt) >= self.n_ctx:
+            raise ContextLengthExceeded(len(prompt), self.n_ctx)
+        limit = self.n_ctx - len(prompt)
+        if request.max_tokens is not None:
+            limit = min(limit, request.max_tokens)
+        return prompt, limit
+
+    def _gen_job(self, prompt: list[int], request: Request, limit: int) -> GenJob:
         matcher = None
         if request.constraint is not None:  # compiled here, not in the scheduler thread
             matcher = Matcher(self._grammar_tokenizer(), request.constraint, self._vocab.n_vocab)
-        job = GenJob(prompt, request, self._vocab, limit, matcher)
+        return GenJob(prompt, request, self._vocab, limit, matcher)
+
+    def _events(
+        self, prompt: list[int], request: Request, limit: int
+    ) -> Generator[Event, None, None]:
+        job = self._gen_job(prompt, request, limit)
         try:
             self._sched.submit(job)
         except BaseException:

@@ -4,8 +4,10 @@
 A job owns one KV sequence while it is active. The scheduler feeds ``feed`` into
 the shared batch and calls ``on_output`` for every position at or past
 ``first_output``; the job turns those logits into tokens and events (or a score)
-and puts them on ``out`` for the thread that asked. Only the scheduler thread
-calls a job's methods; other threads read ``out`` and set ``cancelled``.
+and posts them: onto ``out`` for the thread that asked, or, when the job has a
+``sink``, to that callable (then ``None`` follows last, once the job has left
+the batch). Only the scheduler thread calls a job's methods; other threads read
+``out`` and set ``cancelled``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import codecs
 import queue
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import llama_cpp
@@ -51,6 +54,9 @@ class Job:
         self.first_output = first_output
         """First position whose logits are needed; a cached prefix is reused only up to it."""
         self.out: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self.sink: Callable[[object], None] | None = None
+        """Takes the outputs instead of ``out`` (on the scheduler thread: it
+        must return at once), and ``None`` when the job has left."""
         self.cancelled = False
         self.done = False
         self.released = threading.Event()
@@ -66,7 +72,19 @@ class Job:
 
     def fail(self, error: Exception) -> None:
         self.done = True
-        self.out.put(error)
+        self.post(error)
+
+    def post(self, item: object) -> None:
+        if self.sink is not None:
+            self.sink(item)
+        else:
+            self.out.put(item)
+
+    def release(self) -> None:
+        """The job has left the batch and its slot is free (scheduler only)."""
+        self.released.set()
+        if self.sink is not None:
+            self.sink(None)
 
     def free(self) -> None:
         """Release native resources; called once, by the scheduler, when the job leaves."""
@@ -195,7 +213,7 @@ class GenJob(Job):
 
     def _emit(self, delta: TextDelta | None) -> None:
         if delta is not None:
-            self.out.put(delta)
+            self.post(delta)
 
     def _finish(self, reason: FinishReason, flush: bool = True) -> None:
         if flush:
@@ -208,7 +226,7 @@ class GenJob(Job):
                 self._emit(self.buffer.flush())
         total = time.perf_counter() - self.submitted
         usage = Usage(prompt_tokens=len(self.tokens), completion_tokens=self.n_generated)
-        self.out.put(Finish(reason, usage, Timings(self.ttft if self.ttft is not None else total,
+        self.post(Finish(reason, usage, Timings(self.ttft if self.ttft is not None else total,
                                                    total)))
         self.done = True
 
@@ -231,7 +249,7 @@ class ScoreJob(Job):
         self.total += float(log_softmax(row)[target])
         self.greedy = self.greedy and int(np.argmax(row)) == target
         if pos + 2 == len(self.targets):
-            self.out.put((self.total, self.greedy))
+            self.post((self.total, self.greedy))
             self.done = True
 
 
@@ -261,5 +279,5 @@ class PromptJob(Job):
         text = self.decoder.decode(self.vocab.piece(target), final=last)
         self.scored.append(Token(target, text, float(lp[target]), top))
         if last:
-            self.out.put(self.scored)
+            self.post(self.scored)
             self.done = True

@@ -112,17 +112,18 @@ class Scheduler:
             self.waiting.append(job)
             self._cv.notify()
 
-    def cancel(self, job: Job) -> None:
-        """Make ``job`` leave; returns once its slot is free (at the next step)."""
+    def cancel(self, job: Job, wait: bool = True) -> None:
+        """Make ``job`` leave at the next step; with ``wait``, return only once
+        its slot is free."""
         with self._cv:
             if job in self.waiting:
                 self.waiting.remove(job)
                 job.free()
-                job.released.set()
+                job.release()
             job.cancelled = True
             self._cv.notify()
         # Never wait on ourselves (a generator finalised on the scheduler thread).
-        if threading.current_thread() is not self.thread:
+        if wait and threading.current_thread() is not self.thread:
             job.released.wait(_CANCEL_WAIT_S)
 
     def next_event(self, job: Job) -> object:
@@ -318,7 +319,7 @@ class Scheduler:
             slot.last_used = time.monotonic()
             self.active.remove(job)
             job.free()
-            job.released.set()
+            job.release()
 
     def _fail(self, jobs: list[Job], error: LannerError) -> None:
         """End ``jobs`` with ``error``; their KV is dropped (it may be half-written)."""
@@ -339,6 +340,6 @@ class Scheduler:
         for job in waiting:
             job.fail(error)
             job.free()
-            job.released.set()
+            job.release()
         self._fail(list(self.active), error)
         self._batch.free()

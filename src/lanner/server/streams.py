@@ -1,11 +1,12 @@
-"""Running backend streams for the event loop: one worker thread per stream.
+"""Running backend streams for the event loop.
 
-``backend.stream()`` is a blocking iterator and safe to call from several
-threads at once (the llama.cpp backend decodes concurrent streams together, in
-one batch). Each stream runs whole in one worker thread, which posts its events
-to an asyncio queue; the loop never blocks on a token. ``StreamSet.close``
-(a client left, a request failed) tells the workers to stop: each closes its
-generator from its own thread at the next event, which frees the batch slot.
+A backend with ``stream_to`` (llama.cpp) delivers each stream's events from its
+scheduler thread straight to the loop: no thread of ours waits on a token.
+Otherwise each stream runs whole in one worker thread: ``backend.stream()`` is
+a blocking iterator, safe to call from several threads at once, and the worker
+posts its events to the loop. Either way the loop never blocks on a token, and
+``StreamSet.close`` (a client left, a request failed) makes every stream leave
+its batch slot at the next step.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import cast
 
 from lanner.engine.types import Event, Finish, Request
 from lanner.server.metrics import Metrics
@@ -28,6 +30,10 @@ class _Done:
 
 
 Item = tuple[int, Event | _Done | BaseException]
+
+
+class _Stopped(Exception):
+    """The request was closed before its stream started."""
 
 
 class StreamSet:
@@ -45,8 +51,15 @@ class StreamSet:
         self._metrics = metrics
         self._pending = len(requests)
         self._start = time.perf_counter()
+        self._stops: list[Callable[[], None]] = []
+        self._lock = threading.Lock()
+        stream_to = getattr(lease.model.backend, "stream_to", None)
         for index, request in enumerate(requests):
-            executor.submit(self._work, index, request)
+            if stream_to is not None:
+                # Only the start runs in a worker (tokenizing, compiling a grammar).
+                executor.submit(self._start_direct, stream_to, index, request)
+            else:
+                executor.submit(self._work, index, request)
 
     async def events(self) -> AsyncIterator[tuple[int, Event]]:
         """Raises what a backend stream raised (and stops the other streams)."""
@@ -63,6 +76,10 @@ class StreamSet:
     def close(self) -> None:
         """Stop every stream of this request (idempotent, returns at once)."""
         self._cancel.set()
+        with self._lock:
+            stops = list(self._stops)
+        for stop in stops:
+            stop()
 
     # -- the worker thread ------------------------------------------------------
 
@@ -70,7 +87,45 @@ class StreamSet:
         try:
             self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
         except RuntimeError:  # the loop is closed: nobody is listening any more
-            self._cancel.set()
+            self.close()
+
+    def _start_direct(self, stream_to: Callable[..., Callable[[], None]], index: int,
+                      request: Request) -> None:
+        started = False
+
+        def sink(item: object) -> None:  # on the backend's scheduler thread
+            nonlocal started
+            if item is None:  # the stream has left its slot
+                self._lease.release(started)
+                self._post((index, _Done()))
+                return
+            if isinstance(item, BaseException):
+                self._post((index, item))
+                return
+            if not started:
+                started = True
+                self._lease.started()
+                self._metrics.observe_ttft(self._lease.name, time.perf_counter() - self._start)
+            if isinstance(item, Finish):
+                self._metrics.count_tokens(self._lease.name, item.usage.prompt_tokens,
+                                           item.usage.completion_tokens)
+            self._post((index, cast(Event, item)))
+
+        try:
+            if self._cancel.is_set():
+                raise _Stopped()
+            stop = stream_to(request, sink)
+        except Exception as exc:  # the request's handler maps it
+            if not isinstance(exc, _Stopped):
+                self._post((index, exc))
+            self._lease.release(False)
+            self._post((index, _Done()))
+            return
+        with self._lock:
+            self._stops.append(stop)
+            stopped = self._cancel.is_set()
+        if stopped:  # close() came before the stop function was known
+            stop()
 
     def _work(self, index: int, request: Request) -> None:
         started = False
