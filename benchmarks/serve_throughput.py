@@ -265,8 +265,8 @@ def summarise(r: dict[str, dict[int, Result]], runs: dict[str, dict[int, list[Re
         """The median of the per-round ratios, and their range."""
         ratios = sorted(a["tok_s"] / b["tok_s"] for a, b in zip(runs[label][c], runs["raw"][c],
                                                                   strict=True))
-        return (f"{statistics.median(ratios):.2f} (rounds {ratios[0]:.2f}-{ratios[-1]:.2f})"
-                if len(ratios) > 1 else f"{ratios[0]:.2f}")
+        return (f"{statistics.median(ratios):.3f} (rounds {ratios[0]:.3f}-{ratios[-1]:.3f})"
+                if len(ratios) > 1 else f"{ratios[0]:.3f}")
 
     print("medians:")
     for label, by_level in r.items():
