@@ -32,10 +32,6 @@ class _Done:
 Item = tuple[int, Event | _Done | BaseException]
 
 
-class _Stopped(Exception):
-    """The request was closed before its stream started."""
-
-
 class StreamSet:
     """The ``n`` streams of one request, merged: ``events()`` yields
     ``(choice_index, event)`` in arrival order until every stream has finished."""
@@ -81,7 +77,7 @@ class StreamSet:
         for stop in stops:
             stop()
 
-    # -- the worker thread ------------------------------------------------------
+    # -- other threads: feeding the loop ----------------------------------------
 
     def _post(self, item: Item) -> None:
         try:
@@ -111,21 +107,24 @@ class StreamSet:
                                            item.usage.completion_tokens)
             self._post((index, cast(Event, item)))
 
+        if self._cancel.is_set():  # closed before it started
+            self._end_unstarted(index)
+            return
         try:
-            if self._cancel.is_set():
-                raise _Stopped()
             stop = stream_to(request, sink)
         except Exception as exc:  # the request's handler maps it
-            if not isinstance(exc, _Stopped):
-                self._post((index, exc))
-            self._lease.release(False)
-            self._post((index, _Done()))
+            self._post((index, exc))
+            self._end_unstarted(index)
             return
         with self._lock:
             self._stops.append(stop)
             stopped = self._cancel.is_set()
         if stopped:  # close() came before the stop function was known
             stop()
+
+    def _end_unstarted(self, index: int) -> None:
+        self._lease.release(False)
+        self._post((index, _Done()))
 
     def _work(self, index: int, request: Request) -> None:
         started = False
