@@ -3,6 +3,12 @@
 Streaming first: ``stream`` yields ``TextDelta`` events and ends with exactly one
 ``Finish``. Closing the generator early (a client left, Ctrl-C) must free whatever
 the request held. Everything else is built on these few methods.
+
+Optional, found with ``getattr`` by whoever can use them (the server):
+``prompt_logprobs(ids, top) -> list[Token]`` scores a whole prompt in one pass
+(``echo`` with ``logprobs``; without it, ``loglikelihood`` per token), and
+``stream_to(request, sink) -> stop`` hands events to ``sink`` from the
+backend's own thread, ``None`` last (no caller thread waits on a token).
 """
 
 from __future__ import annotations

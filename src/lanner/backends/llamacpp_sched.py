@@ -1,6 +1,8 @@
 """Continuous batching over one llama.cpp context.
 
-One thread owns the context. Each step it builds one batch: the next token of
+One scheduler thread owns the context (its ``llama_decode`` calls run on the
+process's one decoding thread, see ``llamacpp_native.decode``). Each step it
+builds one batch: the next token of
 every generating sequence first, then prompt chunks of sequences still
 prefilling, up to ``n_batch`` tokens; one ``llama_decode`` runs them all over the
 shared KV cache, then each job samples from its own rows. Requests join and
@@ -77,7 +79,8 @@ def common_prefix(a: list[int], b: list[int], cap: int) -> int:
 
 
 class Scheduler:
-    """Owns the llama.cpp context from its own thread; other threads submit jobs."""
+    """Drives one llama.cpp context from its own thread (its ``llama_decode``
+    calls run on the process's one decoding thread); other threads submit jobs."""
 
     def __init__(self, ctx: Any, *, n_ctx: int, n_batch: int, n_seq_max: int,
                  split: bool = False) -> None:
