@@ -10,8 +10,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import openai
 import uvicorn
 from fastapi import FastAPI
+
+
+def user(text: str) -> Any:
+    """A one-message conversation."""
+    return [{"role": "user", "content": text}]
 
 
 class LiveServer:
@@ -29,6 +35,12 @@ class LiveServer:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def client(self, api_key: str = "unused", **options: Any) -> openai.OpenAI:
+        """The official client pointed at this server (no retries: a test sees
+        the first answer)."""
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0,
+                             **options)
 
     def start(self) -> LiveServer:
         self._thread.start()

@@ -17,7 +17,6 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from openai.types.chat import ChatCompletionMessageParam
 
 from lanner.backends.fake import FakeBackend
 from lanner.chat.formats import resolve_chat_format
@@ -27,7 +26,7 @@ from lanner.engine.registry import ModelSpec
 from lanner.engine.types import Event, Request
 from lanner.errors import InvalidRequest
 from lanner.server.app import create_app
-from serverkit import LiveServer, serving
+from serverkit import LiveServer, serving, user
 
 DEFAULT_REPLY = "Hello from the fake model."
 
@@ -136,11 +135,8 @@ def fake_server(
 
 @pytest.fixture
 def client(fake_server: LiveServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=fake_server.url + "/v1", api_key="unused", max_retries=0)
+    return fake_server.client()
 
-
-def user(text: str) -> list[ChatCompletionMessageParam]:
-    return [{"role": "user", "content": text}]
 
 
 def sse_events(response: httpx.Response) -> list[Any]:
@@ -407,7 +403,7 @@ def test_idle_models_unload_after_keep_alive_and_reload(tmp_path: Path) -> None:
     engine = LazyEngine(tmp_path)
     app = create_app(engine, ["lazy"], keep_alive_s=0.3, embedder=None)
     with serving(app) as server:
-        c = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+        c = server.client()
         assert httpx.get(server.url + "/health").json()["models"] == {"lazy": "unloaded"}
         assert c.chat.completions.create(model="lazy", messages=user("say:one"))
         assert engine.loads == 1
@@ -461,8 +457,7 @@ def real_server(
 
 @pytest.fixture
 def real(real_server: LiveServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=real_server.url + "/v1", api_key="x", max_retries=0,
-                         timeout=120)
+    return real_server.client(timeout=120)
 
 
 def served_model(server: LiveServer) -> Model:

@@ -153,7 +153,7 @@ def test_context_error_gives_both_numbers_and_the_openai_code(server: LiveServer
     error = assert_error_shape(r, 400)
     assert error["code"] == "context_length_exceeded"
     assert "max_tokens (600)" in error["message"] and "512 tokens" in error["message"]
-    client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+    client = server.client()
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model="fake", messages=DONE_MSG,  # type: ignore[arg-type]
                                        max_tokens=600)
@@ -178,10 +178,10 @@ def test_api_key_is_required_and_checked(tmp_path: Any) -> None:
         assert missing["code"] == "invalid_api_key"
         # Auth comes first: a malformed body without the key is still a 401.
         assert_error_shape(httpx.post(live.url + CHAT, content=b"{"), 401)
-        wrong = openai.OpenAI(base_url=live.url + "/v1", api_key=KEY + "x", max_retries=0)
+        wrong = live.client(api_key=KEY + "x")
         with pytest.raises(openai.AuthenticationError):
             wrong.models.list()
-        right = openai.OpenAI(base_url=live.url + "/v1", api_key=KEY, max_retries=0)
+        right = live.client(api_key=KEY)
         assert right.chat.completions.create(model="fake", messages=DONE_MSG)  # type: ignore[arg-type]
         assert httpx.get(live.url + "/health").status_code == 200  # open to load balancers
 

@@ -20,7 +20,7 @@ from lanner.chat.toolcalls import syntax_named
 from lanner.engine.engine import Engine
 from lanner.server.app import create_app
 from lanner.server.tool_calls import NO_PARAMETERS, forced_constraint
-from serverkit import LiveServer, serving
+from serverkit import LiveServer, serving, user
 
 CALL_SUMS = '<tool_call>\n{"name": "sums", "arguments": {"a": 1234, "b": 4321}}\n</tool_call>'
 CALL_NOTE = '<tool_call>\n{"name": "note", "arguments": {"text": "buy milk"}}\n</tool_call>'
@@ -81,11 +81,8 @@ def fake_server(tmp_path_factory: pytest.TempPathFactory, fake: FakeBackend,
 
 @pytest.fixture
 def client(fake_server: LiveServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=fake_server.url + "/v1", api_key="x", max_retries=0)
+    return fake_server.client()
 
-
-def user(text: str) -> list[Any]:
-    return [{"role": "user", "content": text}]
 
 
 def last_prompt(fake: FakeBackend) -> str:
@@ -301,8 +298,7 @@ def real(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path,
     # One llama.cpp thread: the client threads share the two cores (see test_server_api).
     app = create_app(engine, ["smollm2"], load_options={"n_threads": 1})
     with serving(app) as server:
-        yield openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0,
-                            timeout=120)
+        yield server.client(timeout=120)
     engine.close()
 
 
