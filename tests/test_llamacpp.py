@@ -408,6 +408,10 @@ def test_prompt_logprobs_match_llama_cpp_python_logits(smol: LlamaCppBackend,
         assert [a.token_id for a in token.top] == list(np.argsort(-expected, kind="stable")[:3])
     with pytest.raises(InvalidRequest, match="prompt"):
         smol.prompt_logprobs([])
+    with pytest.raises(InvalidRequest, match="top_logprobs"):
+        smol.prompt_logprobs(ids, top=21)
+    with pytest.raises(ContextLengthExceeded):
+        smol.prompt_logprobs([ids[0]] * (smol.n_ctx + 1))
     assert smol.prompt_logprobs(ids[:1], top=2)[0].logprob is None
 
 
