@@ -1,0 +1,1 @@
+../../src/lanner/evals/tasks/text_to_sql/seed.sql
