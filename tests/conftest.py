@@ -34,3 +34,12 @@ def smollm2_gguf() -> Path:
 @pytest.fixture(scope="session")
 def tinycoder_gguf() -> Path:
     return _need("tinycoder")
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_folder(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundled SmolLM2 GGUF as a safetensors model folder (converted once a session):
+    what `--backend transformers` runs and what lm-eval's `--model hf` can load."""
+    from lanner.backends import gguf_convert
+
+    return gguf_convert.converted_folder(smollm2_gguf, tmp_path_factory.mktemp("converted"))

@@ -89,3 +89,15 @@ class Overloaded(LannerError):
 
 class StoreError(LannerError):
     """The log database cannot be opened or migrated."""
+
+
+class TaskError(LannerError):
+    """An evaluation task file, or its data, is malformed or uses a feature
+    Lanner does not support; the message names the file and the key or line."""
+
+    exit_code = 2
+
+
+class NotSupported(LannerError):
+    """The model or its backend cannot do what was asked (for example, a
+    chat-only remote model cannot score loglikelihoods)."""

@@ -9,6 +9,8 @@ Optional, found with ``getattr`` by whoever can use them (the server):
 (``echo`` with ``logprobs``; without it, ``loglikelihood`` per token), and
 ``stream_to(request, sink) -> stop`` hands events to ``sink`` from the
 backend's own thread, ``None`` last (no caller thread waits on a token).
+``loglikelihood_batch(pairs) -> list[(float, bool)]`` is ``loglikelihood`` of
+many pairs at once, pairs with one context sharing its computation (evaluation).
 """
 
 from __future__ import annotations

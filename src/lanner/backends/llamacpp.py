@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Generator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 from typing import Any, cast
@@ -255,6 +256,24 @@ class LlamaCppBackend:
         total, greedy = cast(tuple[float, bool],
                              self._result(ScoreJob(whole, n_context, self._vocab.n_vocab)))
         return total, greedy
+
+    def loglikelihood_batch(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
+        """``loglikelihood`` of many pairs, up to ``n_seq_max`` contexts at once in
+        one batch; the pairs of one context run one after another in the same
+        slot, so its cached prefix is decoded once for all of them."""
+        groups: dict[str, list[int]] = {}
+        for i, (context, _) in enumerate(pairs):
+            groups.setdefault(context, []).append(i)
+        out: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
+
+        def run(members: list[int]) -> None:
+            for i in members:
+                out[i] = self.loglikelihood(*pairs[i])
+
+        with ThreadPoolExecutor(max_workers=self.n_seq_max) as pool:
+            for future in [pool.submit(run, m) for m in groups.values()]:
+                future.result()
+        return out
 
     def prompt_logprobs(self, ids: Sequence[int], top: int = 0) -> list[Token]:
         """Each token of ``ids`` with log P(token | the tokens before it) and its

@@ -298,6 +298,56 @@ class TransformersBackend:
             out[-1] = Token(last.id, last.text + tail, last.logprob, last.top)
         return out
 
+    def loglikelihood_batch(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
+        """``loglikelihood`` of many pairs; pairs with the same context tokens
+        share one forward pass over it, then all their continuations run as one
+        batch on top of its KV cache."""
+        encoded = [self._encode_pair(c, x) for c, x in pairs]
+        out: list[tuple[float, bool]] = [(0.0, True)] * len(pairs)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, (context_ids, continuation_ids) in enumerate(encoded):
+            if not continuation_ids:
+                continue
+            if len(context_ids) + len(continuation_ids) > self.n_ctx + 1:
+                out[i] = self.loglikelihood(*pairs[i])  # truncated as lm-eval truncates
+            else:
+                groups.setdefault(tuple(context_ids), []).append(i)
+        for shared, members in groups.items():
+            scored = self._score_shared(list(shared), [encoded[i][1] for i in members])
+            for i, result in zip(members, scored, strict=True):
+                out[i] = result
+        return out
+
+    @torch.inference_mode()
+    def _score_shared(
+        self, context: list[int], continuations: list[list[int]]
+    ) -> list[tuple[float, bool]]:
+        cache = self._new_cache()
+        ids = torch.tensor([context], device=self.device)  # (1, T)
+        first = torch.log_softmax(self._forward(ids, 0, cache)[-1].float(), dim=-1)  # (V,)
+        tails = [c[:-1] for c in continuations]  # the last token is only a target
+        width = max(len(t) for t in tails)
+        rows = torch.empty(0, device=self.device)
+        if width:
+            # Right padding needs no mask: a real token never attends to a later pad.
+            batch = torch.zeros(len(tails), width, dtype=torch.long, device=self.device)
+            for i, tail in enumerate(tails):
+                batch[i, : len(tail)] = torch.tensor(tail)
+            cache.batch_repeat_interleave(len(tails))
+            positions = torch.arange(len(context), len(context) + width, device=self.device)
+            out = self.model(input_ids=batch, position_ids=positions.expand(len(tails), -1),
+                             **{self._cache_kwarg: cache, "use_cache": True})
+            rows = torch.log_softmax(out.logits.float(), dim=-1)  # (B, width, V)
+        results = []
+        for i, continuation in enumerate(continuations):
+            logprobs = first[None]  # (C, V): row k predicts continuation[k]
+            if width:
+                logprobs = torch.cat([logprobs, rows[i, : len(continuation) - 1]])
+            target = torch.tensor(continuation, device=self.device)
+            total = float(logprobs.gather(1, target[:, None]).sum())
+            results.append((total, bool((logprobs.argmax(dim=-1) == target).all())))
+        return results
+
     def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         spaces = len(context) - len(context.rstrip())
         if spaces:

