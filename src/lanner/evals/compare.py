@@ -97,7 +97,6 @@ class Comparison:
             events.close()  # logs the turn now, also when the caller stops early
             answer.log_id = _logged_id(self.store, session.conversation_id)
 
-
     def _start(self) -> list[dict[str, Any]]:
         """The messages before the prompt: system, then the history."""
         system = [{"role": "system", "content": self.system}] if self.system else []
@@ -118,9 +117,9 @@ def compare(
 
 def check_names(names: Sequence[str], *, least: int, what: str) -> None:
     """At least ``least`` model names, none empty; ``InvalidRequest`` naming ``models``."""
-    if isinstance(names, str) or len(names) < least:
-        raise InvalidRequest("models", f"{what} needs at least {least} models, "
-                             f"got {len(names) if not isinstance(names, str) else 1}")
+    count = 1 if isinstance(names, str) else len(names)  # a lone name passed as text
+    if isinstance(names, str) or count < least:
+        raise InvalidRequest("models", f"{what} needs at least {least} models, got {count}")
     if not all(isinstance(n, str) and n.strip() for n in names):
         raise InvalidRequest("models", "model names must be non-empty text")
 
