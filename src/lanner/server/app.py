@@ -22,7 +22,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lanner import __version__
 from lanner.engine.engine import Engine
-from lanner.server import errors, routes_chat, routes_completions, routes_embeddings, routes_models
+from lanner.server import (
+    errors,
+    routes_arena,
+    routes_chat,
+    routes_completions,
+    routes_embeddings,
+    routes_models,
+)
 from lanner.server.documents import Documents
 from lanner.server.embedder import BUNDLED_PACKAGE, Embedder, SentenceTransformerEmbedder
 from lanner.server.metrics import Metrics, esc
@@ -125,7 +132,7 @@ def create_app(
                   description="OpenAI-compatible API for open-weight models run by Lanner.")
     app.state.lanner = state
     for router in (routes_chat.router, routes_completions.router,
-                   routes_embeddings.router, routes_models.router):
+                   routes_embeddings.router, routes_models.router, routes_arena.router):
         app.include_router(router, responses=_ERRORS)
     app.include_router(routes_models.open_router)
     errors.install(app)
