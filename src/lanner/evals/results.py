@@ -133,7 +133,7 @@ class EvalStore(Transactions):
 
 def _run(row: sqlite3.Row) -> RunRecord:
     try:
-        provenance = {k: row[k] for k in row if k not in _SHOWN}
+        provenance = {k: row[k] for k in row.keys() if k not in _SHOWN}  # noqa: SIM118 (a Row iterates values)
         provenance["config"] = json.loads(provenance.pop("config_json"))
         return RunRecord(row["id"], row["task"], row["model"], row["backend"], row["weights"],
                          row["num_fewshot"], row["n_items"], json.loads(row["metrics_json"]),
