@@ -16,9 +16,10 @@ do to the prompt, the decoding and the answer.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic_core import PydanticCustomError
 
 from lanner.engine import constrain
 from lanner.engine.types import Constraint, Token
@@ -38,6 +39,50 @@ Int = Annotated[int, BeforeValidator(_whole)]
 """An integer field: strict (no "5" strings), but 2.0 counts as 2."""
 
 Stop = str | list[str] | None
+
+MAX_TOKEN_ID = 2**31 - 1
+"""Token ids are int32 in llama.cpp; a larger one could only overflow a tokenizer."""
+
+TokenIds = Annotated[list[Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]], Field(min_length=1)]
+
+
+def _prompt_shape(value: object) -> object:
+    """A completions ``prompt`` as OpenAI and vLLM take it: a string, a list of
+    strings, one list of token ids or a list of them. Anything else is one error
+    naming ``prompt`` (pydantic's union errors would name a union member)."""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list) or not value:
+        problem = "must not be an empty list" if value == [] else _PROMPT_SHAPES
+    elif all(isinstance(v, str) for v in value):
+        return value
+    elif all(isinstance(v, list) for v in value):
+        problem = next((p for k, ids in enumerate(value)
+                        if (p := _token_ids_problem(ids, f"prompt[{k}]"))), "")
+    elif any(isinstance(v, (str, list)) for v in value):
+        problem = _PROMPT_SHAPES
+    else:
+        problem = _token_ids_problem(value, "prompt")
+    if problem:
+        raise PydanticCustomError("prompt", "{problem}", {"problem": problem})
+    return value
+
+
+_PROMPT_SHAPES = ("must be a string, a list of strings, a list of token ids or a list of "
+                  "lists of token ids (not a mix)")
+
+
+def _token_ids_problem(ids: list[object], where: str) -> str:
+    if not ids:
+        return f"{where} is an empty list of token ids"
+    for k, t in enumerate(ids):
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t <= MAX_TOKEN_ID:
+            return f"{where}[{k}] is {t!r}, not a token id (an integer from 0 to {MAX_TOKEN_ID})"
+    return ""
+
+
+Prompt = Annotated[str | list[str] | TokenIds | list[TokenIds], BeforeValidator(_prompt_shape)]
+"""One prompt or several; each is text or token ids."""
 
 
 class TextPart(BaseModel):
@@ -155,7 +200,8 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str]
+    prompt: Prompt
+    """Token ids are used exactly as given (no BOS added)."""
     echo: bool = False
     logprobs: Int | None = Field(None, ge=0, le=5)
     """OpenAI's legacy meaning: how many top alternatives per token (0-5)."""
@@ -231,6 +277,16 @@ def response_constraint(fmt: dict[str, Any] | None) -> Constraint | None:
     constraint = constrain.json_schema(spec["schema"], field=_SCHEMA_FIELD)
     constrain.check(constraint)
     return constraint
+
+
+def completion_prompts(req: CompletionRequest) -> list[str | list[int]]:
+    """Each prompt of the request: text, or token ids used exactly as given."""
+    prompt = req.prompt
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt[0], int):
+        return [cast(list[int], prompt)]
+    return list(cast(list[str] | list[list[int]], prompt))
 
 
 def completion_options(req: CompletionRequest) -> dict[str, Any]:
