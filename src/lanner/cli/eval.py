@@ -149,7 +149,8 @@ def _list(entries: list[Any], as_json: bool) -> int:
                            "licence": e.licence, "source": e.source} for e in entries], indent=2))
         return 0
     for e in entries:
-        print(f"{e.name:<20} {e.output_type:<22} {e.licence:<14} {e.source or e.path}")
+        print(f"{e.name:<16} {e.output_type:<22} licence: {e.licence}")
+        print(f"{'':<16} {e.source or e.path}")
     return 0
 
 
