@@ -14,9 +14,12 @@ from collections.abc import Callable, Generator, Sequence
 from lanner.backends.base import ModelMetadata
 from lanner.engine.textstream import StopBuffer
 from lanner.engine.types import Event, Finish, Request, Timings, Token, TopLogprob, Usage
+from lanner.errors import InvalidRequest
 
 BOS, EOS, PAD = 0, 1, 2
 _OFFSET = 3
+N_VOCAB = 0x110000 + _OFFSET
+"""Every code point is a token (surrogates aside), after BOS/EOS/PAD."""
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -64,6 +67,7 @@ class FakeBackend:
         return ids
 
     def detokenize(self, ids: Sequence[int]) -> str:
+        _check_ids(ids)
         return "".join(chr(i - _OFFSET) for i in ids if i >= _OFFSET)
 
     def reply_for(self, prompt: str) -> str:
@@ -122,3 +126,10 @@ class FakeBackend:
 
     def close(self) -> None:
         self.closed = True
+
+
+def _check_ids(ids: Sequence[int]) -> None:
+    """As the real backends do: an id outside the vocabulary is a 400 naming prompt."""
+    bad = next((i for i in ids if not 0 <= i < N_VOCAB or 0xD800 <= i - _OFFSET <= 0xDFFF), None)
+    if bad is not None:
+        raise InvalidRequest("prompt", f"token id {bad} is outside the vocabulary")
