@@ -20,9 +20,9 @@ from lanner.cli import arena as arena_cli
 from lanner.cli import options
 from lanner.engine.engine import Engine
 from lanner.engine.model import Model
-from lanner.errors import InvalidRequest, ModelNotFound, StoreError
+from lanner.errors import AlreadyVoted, BattleNotFound, InvalidRequest, ModelNotFound, StoreError
 from lanner.evals.arena import Arena, open_arena, pick_pair
-from lanner.evals.arena_store import AlreadyVoted, ArenaStore, BattleNotFound
+from lanner.evals.arena_store import ArenaStore
 from lanner.server.app import create_app
 from lanner.store import Store
 

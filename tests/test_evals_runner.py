@@ -89,3 +89,19 @@ def test_list_shows_bundled_tasks_with_licences(capsys: pytest.CaptureFixture) -
     assert main(["eval", "--list", "--include-path", str(DATA), "--json"]) == 0
     tasks = {t["task"]: t for t in json.loads(capsys.readouterr().out)}
     assert tasks["lanner_mc_tiny"]["output_type"] == "multiple_choice"
+
+
+def test_chat_template_sends_one_user_turn_in_the_models_format(lanner_home: Path) -> None:
+    model = Engine(lanner_home).attach("fake", FakeBackend(_answers))
+    task = load_task(DATA / "gen_tiny.yaml")
+    result = runner.evaluate(model, task, limit=3, chat=True)
+    sent = model.backend.detokenize(model.backend.requests[0].prompt)
+    assert sent.startswith("<|im_start|>user\nQuestion: What is 2 plus 3?\nAnswer:<|im_end|>\n")
+    assert sent.endswith("<|im_start|>assistant\n")
+    assert "<|im_end|>" in model.backend.requests[0].stop  # the format's end of turn
+    assert result.chat and result.items[0].scores["exact_match,number"] == 1.0
+    with EvalStore(paths.db_path(lanner_home)) as store:
+        record = store.get(store.save(result, ""))
+    assert record.provenance["chat_format_hash"] == model.chat_format.template_hash
+    with pytest.raises(NotSupported, match="generate_until tasks"):
+        runner.evaluate(model, load_task(DATA / "mc_tiny.yaml"), chat=True)

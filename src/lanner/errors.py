@@ -101,3 +101,19 @@ class TaskError(LannerError):
 class NotSupported(LannerError):
     """The model or its backend cannot do what was asked (for example, a
     chat-only remote model cannot score loglikelihoods)."""
+
+
+class BattleNotFound(LannerError):
+    """No arena battle has this id."""
+
+    http_status = 404
+    code = "battle_not_found"
+    param = "battle_id"
+
+
+class AlreadyVoted(LannerError):
+    """The battle's vote is recorded already; a vote is never overwritten."""
+
+    http_status = 409
+    code = "already_voted"
+    param = "battle_id"

@@ -39,6 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-fewshot", type=int, help="override the task's num_fewshot")
     p.add_argument("--fewshot-seed", type=int, default=1234,
                    help="seed of the few-shot sampler (default 1234, as lm-eval)")
+    p.add_argument("--chat-template", action="store_true",
+                   help="send prompts through the model's chat format (lm-eval's "
+                   "--apply_chat_template; generate_until tasks)")
     p.add_argument("--list", action="store_true", help="list the tasks that can be run")
     p.add_argument("--runs", action="store_true", help="list the stored runs")
     p.add_argument("--items", action="store_true", help="show: print every item")
@@ -91,7 +94,8 @@ def _evaluate(args: argparse.Namespace, model_name: str) -> int:
         items = len(runner.prepare(task, num_fewshot=0, seed=0, limit=args.limit))
         with _progress(task.name, items, args.no_progress) as bar:
             result = runner.evaluate(model, task, num_fewshot=args.num_fewshot,
-                                     seed=args.fewshot_seed, limit=args.limit, progress=bar)
+                                     seed=args.fewshot_seed, limit=args.limit, progress=bar,
+                                     chat=args.chat_template)
         run_id = store.save(result, store.model_sha256(model.spec.path)) if store else None
         out.append(_summary(run_id, result))
     if args.json:
@@ -192,7 +196,7 @@ def _show(store: Any, run_id: str, args: argparse.Namespace) -> int:
     print(f"run {r.id}  {r.created_at}\n  task {r.task}  model {r.model} ({r.backend}, "
           f"{r.weights})  {r.num_fewshot}-shot  {r.n_items} items  {r.duration_s:.1f} s")
     for key in ("model_sha256", "backend_version", "task_path", "task_sha256", "fewshot_seed",
-                "item_limit"):
+                "item_limit", "chat_format_hash"):
         print(f"  {key}: {r.provenance.get(key)}")
     for key, m in r.metrics.items():
         err = f" ± {m['stderr']:.4f}" if m.get("stderr") is not None else ""

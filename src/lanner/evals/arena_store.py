@@ -9,25 +9,9 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import dataclass, fields
 
-from lanner.errors import LannerError
+from lanner.errors import AlreadyVoted, BattleNotFound
 from lanner.evals.ratings import Winner, check_winner
 from lanner.store import Store, new_conversation_id, utc_now
-
-
-class BattleNotFound(LannerError):
-    """No arena battle has this id."""
-
-    http_status = 404
-    code = "battle_not_found"
-    param = "battle_id"
-
-
-class AlreadyVoted(LannerError):
-    """The battle's vote is recorded already; a vote is never overwritten."""
-
-    http_status = 409
-    code = "already_voted"
-    param = "battle_id"
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,6 +38,9 @@ class Item:
     choices: list[str] | None
     gold: Any
     """An index (or indices) into ``choices``, or the reference text(s)."""
+    system: str = ""
+    """The task's ``description``: the start of ``context``; the system message
+    when the prompt is chat-formatted, the rest being one user message."""
 
     @property
     def target(self) -> str:
@@ -169,7 +172,7 @@ def build_items(
                              spec.fewshot_split == spec.test_split)
     items = []
     for doc_id, doc in enumerate(docs[:limit] if limit is not None else docs):
-        context = render.description(doc)
+        system = context = render.description(doc)
         for example in sampler.sample(num_fewshot, doc):
             answer = render.target(example)
             if answer is None or answer == "":  # lm-eval writes such an example bare
@@ -179,7 +182,8 @@ def build_items(
                         + render.answer_text(example) + spec.fewshot_delimiter)
         context += render.text(doc)
         choices = render.choices(doc)
-        items.append(Item(doc_id, doc, context, choices, _gold(spec, render.target(doc), choices)))
+        gold = _gold(spec, render.target(doc), choices)
+        items.append(Item(doc_id, doc, context, choices, gold, system))
     return items
 
 

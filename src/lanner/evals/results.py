@@ -70,12 +70,13 @@ class EvalStore(Transactions):
         run_id = new_conversation_id()
         spec, backend = run.model.spec, run.model.backend
         config = {"task": run.task.config, "num_fewshot": run.num_fewshot, "seed": run.seed,
-                  "limit": run.limit}
+                  "limit": run.limit, "chat_template": run.chat}
         metrics = {k: {"value": a.value, "stderr": a.stderr, "n": a.n}
                    for k, a in run.metrics.items()}
         row = (run_id, run.task.name, str(run.task.path), run.task.sha256(), run.model.name,
                str(spec.path), model_sha256, backend.name, backend.version, weights_of(run),
-               None, run.num_fewshot, run.seed, run.limit, json.dumps(config, default=str),
+               run.model.chat_format.template_hash if run.chat else None,
+               run.num_fewshot, run.seed, run.limit, json.dumps(config, default=str),
                json.dumps(metrics), len(run.items), run.duration_s, utc_now())
         with self._write() as conn:
             conn.execute(f"INSERT INTO eval_runs VALUES ({', '.join('?' * len(row))})", row)

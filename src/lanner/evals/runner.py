@@ -46,6 +46,8 @@ class EvalRun:
     num_fewshot: int
     seed: int
     limit: int | None
+    chat: bool
+    """Prompts went through the model's chat format (``--chat-template``)."""
     items: list[ItemResult]
     metrics: dict[str, metrics.Aggregate]
     duration_s: float
@@ -53,17 +55,26 @@ class EvalRun:
 
 def evaluate(
     model: Model, task: TaskSpec, *, num_fewshot: int | None = None, seed: int = DEFAULT_SEED,
-    limit: int | None = None, progress: Progress | None = None,
+    limit: int | None = None, progress: Progress | None = None, chat: bool = False,
 ) -> EvalRun:
-    """Score ``model`` on ``task`` (its first ``limit`` items)."""
+    """Score ``model`` on ``task`` (its first ``limit`` items). ``chat``: send each
+    prompt through the model's chat format as lm-eval's ``--apply_chat_template``
+    does (description as the system message, few-shot examples and question as one
+    user message); generate_until tasks only."""
     metrics.check(task)
+    if chat and task.output_type != "generate_until":
+        raise NotSupported(f"--chat-template applies to generate_until tasks; {task.name} is "
+                           f"{task.output_type}")
     shots = task.num_fewshot if num_fewshot is None else num_fewshot
     start = time.perf_counter()
     items = prepare(task, num_fewshot=shots, seed=seed, limit=limit)
-    run = _RUNNERS[task.output_type]
-    results = run(model, task, items, progress or (lambda n: None))
+    if task.output_type == "generate_until":
+        results = _generate(model, task, items, progress or (lambda n: None), chat)
+    else:
+        run = _RUNNERS[task.output_type]
+        results = run(model, task, items, progress or (lambda n: None))
     per_item = [r.scores for r in results]
-    return EvalRun(task, model, shots, seed, limit, results, metrics.aggregate(per_item),
+    return EvalRun(task, model, shots, seed, limit, chat, results, metrics.aggregate(per_item),
                    time.perf_counter() - start)
 
 
@@ -122,12 +133,12 @@ def _rolling(model: Model, task: TaskSpec, items: list[Item], progress: Progress
     return results
 
 
-def _generate(model: Model, task: TaskSpec, items: list[Item], progress: Progress
-              ) -> list[ItemResult]:
+def _generate(model: Model, task: TaskSpec, items: list[Item], progress: Progress,
+              chat: bool) -> list[ItemResult]:
     workers = int(getattr(model.backend, "n_seq_max", 1))
 
     def one(item: Item) -> ItemResult:
-        text = generate_until(model, task, item.context)
+        text = generate_until(model, task, item, chat)
         scores, filtered = metrics.score_generation(item, text, task)
         progress(1)
         return ItemResult(item.doc_id, item.context, item.target,
@@ -140,7 +151,6 @@ _RUNNERS = {
     "multiple_choice": _multiple_choice,
     "loglikelihood": _loglikelihood,
     "loglikelihood_rolling": _rolling,
-    "generate_until": _generate,
 }
 
 
@@ -202,19 +212,26 @@ def rolling_windows(tokens: list[int], prefix: int, max_len: int
         done = end
 
 
-def generate_until(model: Model, task: TaskSpec, context: str) -> str:
-    """Greedy (unless ``do_sample``) text for ``context``, cut at the first stop
-    string. The context keeps its last n_ctx - max_gen_toks tokens, as lm-eval's
-    HF model does."""
+def generate_until(model: Model, task: TaskSpec, item: Item, chat: bool = False) -> str:
+    """Greedy (unless ``do_sample``) text for the item's prompt, cut at the first
+    stop string. The prompt keeps its last n_ctx - max_gen_toks tokens, as
+    lm-eval's HF model does."""
     gen = task.generation
     assert gen is not None
     backend = model.backend
-    ids = backend.tokenize(context, add_bos=True)
+    if chat:
+        body = item.context[len(item.system):]
+        messages = [{"role": "system", "content": item.system}] if item.system else []
+        request = model.chat_request([*messages, {"role": "user", "content": body}])
+        ids = [int(i) for i in request.prompt]
+    else:
+        ids = backend.tokenize(item.context, add_bos=True)
     room = backend.n_ctx - gen.max_gen_toks
     if room < 1:
         raise NotSupported(f"max_gen_toks {gen.max_gen_toks} does not fit the model's "
                            f"context of {backend.n_ctx} tokens")
-    options: dict[str, Any] = {"max_tokens": gen.max_gen_toks, "stop": gen.until,
+    stop = tuple(dict.fromkeys([*gen.until, *(model.chat_format.stop if chat else ())]))
+    options: dict[str, Any] = {"max_tokens": gen.max_gen_toks, "stop": stop,
                                "temperature": 0.0}
     if gen.do_sample:
         options.update(temperature=gen.temperature or 1.0, top_p=gen.top_p or 1.0,
