@@ -75,6 +75,13 @@ class BackendUnavailable(LannerError):
     error_type = "server_error"
 
 
+class PermissionDenied(LannerError):
+    """The server does not allow this request (an admin route with no key set)."""
+
+    http_status = 403
+    error_type = "permission_error"
+
+
 class Overloaded(LannerError):
     """The request queue is full; try again later."""
 

@@ -9,10 +9,11 @@ time, never across a ``yield``, so the caller's code never runs in that mode.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from lanner.backends import hf_sampling
 from lanner.backends.base import ModelMetadata
 from lanner.backends.gguf_convert import converted_folder, read_manifest
+from lanner.backends.hf_adapters import Adapters, chat_template
 from lanner.engine.constrain import Matcher
 from lanner.engine.textstream import StopBuffer
 from lanner.engine.types import (
@@ -51,6 +53,9 @@ class TransformersBackend:
     bfloat16 on CUDA). ``device``: "auto" (CUDA if available) or a torch device
     string. ``n_ctx`` defaults to the model's trained context, at most 8192.
     ``cache_dir`` is where GGUF conversions live (default ``<home>/converted``).
+    ``adapter``: a peft LoRA folder loaded on top (its chat template, if it
+    ships one, is the one it was trained with and replaces the model's);
+    ``add_adapter`` gives more adapters on the same weights.
     Raises ``ModelNotFound`` for a missing path, ``ModelLoadError`` for one that
     cannot be loaded, ``InvalidRequest`` for a bad dtype/device/n_ctx.
     """
@@ -66,6 +71,7 @@ class TransformersBackend:
         device: str = "auto",
         n_ctx: int | None = None,
         cache_dir: Path | None = None,
+        adapter: str | Path | None = None,
     ) -> None:
         path = Path(path).expanduser()
         self.device = _resolve_device(device)
@@ -77,6 +83,10 @@ class TransformersBackend:
         n_ctx_train = _trained_context(config)
         self.n_ctx = n_ctx if n_ctx is not None else min(n_ctx_train, _MAX_DEFAULT_CTX)
         self.metadata = self._metadata(config.model_type, n_ctx_train)
+        self._adapters = Adapters(self.model)
+        self._adapter: str | None = None
+        if adapter is not None:
+            self._use_adapter(self._adapters.add(adapter, "adapter"))
         self._eos_ids = _eos_ids(self.model, self.tokenizer)
         self._bos_id: int | None = self.tokenizer.bos_token_id
         self._adds_bos = self._bos_id is not None and _adds_bos(self.tokenizer, self._bos_id)
@@ -102,6 +112,20 @@ class TransformersBackend:
             bos_token=self.tokenizer.bos_token, eos_token=self.tokenizer.eos_token,
             n_ctx_train=n_ctx_train, extra=extra,
         )
+
+    def add_adapter(self, path: str | Path, name: str) -> TransformersBackend:
+        """A backend for the LoRA adapter at ``path`` that shares this one's
+        weights (and lock); this backend keeps running the model as it was."""
+        view = copy.copy(self)
+        view._use_adapter(self._adapters.add(path, name))
+        return view
+
+    def _use_adapter(self, name: str) -> None:
+        folder = self._adapters.names[name]
+        extra = {**self.metadata.extra, "adapter": str(folder)}
+        template = chat_template(folder) or self.metadata.chat_template
+        self.metadata = replace(self.metadata, chat_template=template, extra=extra)
+        self._adapter = name
 
     # -- text <-> ids ------------------------------------------------------
 
@@ -209,7 +233,8 @@ class TransformersBackend:
         kwargs: dict[str, Any] = {self._cache_kwarg: cache, "use_cache": cache is not None}
         if cache is not None and self._keeps_logits:
             kwargs["logits_to_keep"] = 1
-        out = self.model(input_ids=ids, position_ids=positions, **kwargs)
+        with self._adapters.use(self._adapter):
+            out = self.model(input_ids=ids, position_ids=positions, **kwargs)
         return out.logits[0]
 
     @torch.inference_mode()
@@ -335,8 +360,9 @@ class TransformersBackend:
                 batch[i, : len(tail)] = torch.tensor(tail)
             cache.batch_repeat_interleave(len(tails))
             positions = torch.arange(len(context), len(context) + width, device=self.device)
-            out = self.model(input_ids=batch, position_ids=positions.expand(len(tails), -1),
-                             **{self._cache_kwarg: cache, "use_cache": True})
+            with self._adapters.use(self._adapter):
+                out = self.model(input_ids=batch, position_ids=positions.expand(len(tails), -1),
+                                 **{self._cache_kwarg: cache, "use_cache": True})
             rows = torch.log_softmax(out.logits.float(), dim=-1)  # (B, width, V)
         results = []
         for i, continuation in enumerate(continuations):

@@ -34,6 +34,9 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                    "quarter of RAM, at most 4 GiB). Default: unified; serve: auto")
     g.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
                    help="weights dtype (transformers backend)")
+    g.add_argument("--adapter", metavar="PATH",
+                   help="a LoRA adapter folder (peft format, e.g. from lanner tune) loaded on "
+                   "top of the model; runs on the transformers backend")
 
 
 def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
@@ -82,7 +85,8 @@ def schema_constraint(value: str) -> Constraint:
 
 
 def load_model(args: argparse.Namespace, name: str | None) -> Model:
-    options = {"n_ctx": args.n_ctx, "dtype": args.dtype, "kv": args.kv}
+    options = {"n_ctx": args.n_ctx, "dtype": args.dtype, "kv": args.kv,
+               "adapter": args.adapter}
     engine = Engine(args.home)
     return engine.load(name or DEFAULT_MODEL, backend=args.backend,
                        chat_format=args.chat_format, **options)

@@ -50,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
     for name in names:
         resolve(name, engine.home)  # an unknown name fails now, not on first request
     load_options = {"backend": args.backend, "chat_format": args.chat_format,
-                    "n_ctx": args.n_ctx, "dtype": args.dtype, "kv": args.kv}
+                    "n_ctx": args.n_ctx, "dtype": args.dtype, "kv": args.kv,
+                    "adapter": args.adapter}
     app = create_app(engine, names, api_key=args.api_key, keep_alive_s=args.keep_alive,
                      max_queue=args.max_queue, embedder=None if args.no_embeddings else ...,
                      load_options={k: v for k, v in load_options.items() if v is not None})

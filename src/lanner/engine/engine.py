@@ -34,6 +34,9 @@ def open_backend(spec: ModelSpec, backend: str | None = None, **options: Any) ->
         raise InvalidRequest("backend", f"unknown backend {name!r} (one of: {known})")
     if spec.format not in _FORMATS[name]:
         raise InvalidRequest("backend", f"{name} cannot open a {spec.format} model")
+    if name == "llama.cpp" and options.get("adapter") is not None:
+        raise InvalidRequest("adapter", "the llama.cpp backend cannot load a peft adapter; "
+                             "use --backend transformers (the default with --adapter)")
     module_name, cls_name = BACKENDS[name].split(":")
     try:
         module = importlib.import_module(module_name)
@@ -76,7 +79,10 @@ class Engine:
         chat_format: str | None = None,
         **backend_options: Any,
     ) -> Model:
-        """A loaded model, reused if the same one was loaded before."""
+        """A loaded model, reused if the same one was loaded before. With an
+        ``adapter`` option the default backend is transformers (GGUF included)."""
+        if backend is None and backend_options.get("adapter") is not None:
+            backend = "transformers"
         spec = prepare(resolve(name, self.home), backend, self.home)
         options = tuple(sorted(backend_options.items()))
         key = (spec.path, backend or spec.backend, chat_format, options)

@@ -24,6 +24,7 @@ from lanner import __version__
 from lanner.engine.engine import Engine
 from lanner.server import (
     errors,
+    routes_adapters,
     routes_arena,
     routes_chat,
     routes_completions,
@@ -132,7 +133,8 @@ def create_app(
                   description="OpenAI-compatible API for open-weight models run by Lanner.")
     app.state.lanner = state
     for router in (routes_chat.router, routes_completions.router,
-                   routes_embeddings.router, routes_models.router, routes_arena.router):
+                   routes_embeddings.router, routes_models.router, routes_arena.router,
+                   routes_adapters.router):
         app.include_router(router, responses=_ERRORS)
     app.include_router(routes_models.open_router)
     errors.install(app)

@@ -21,7 +21,7 @@ from typing import Any
 
 from lanner.engine.engine import Engine
 from lanner.engine.model import Model
-from lanner.errors import ModelNotFound, Overloaded
+from lanner.errors import InvalidRequest, ModelNotFound, Overloaded
 
 # uvicorn's own logger: its handler prints INFO lines beside "Uvicorn running on".
 log = logging.getLogger("uvicorn.error")
@@ -174,6 +174,16 @@ class ModelPool:
             if still_idle and entry.model is not None:
                 model, entry.model = entry.model, None
                 await asyncio.to_thread(self.engine.unload, model)
+
+    def add_loaded(self, name: str, model: Model, *, base: str) -> None:
+        """Serve ``model``, built on the loaded model ``base`` (an adapter on its
+        weights), as ``name`` from now on. Both stay loaded: ``base`` is pinned,
+        since unloading it would free weights that ``model`` still uses."""
+        with self.lock:
+            if name in self._entries:
+                raise InvalidRequest("name", f"this server already serves a model {name!r}")
+            self._entries[base].pinned = True
+            self._entries[name] = _Entry(name, model, pinned=True)
 
     def close(self) -> None:
         """Unload what this pool loaded (pinned models belong to the caller)."""
