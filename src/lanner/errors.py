@@ -124,3 +124,10 @@ class AlreadyVoted(LannerError):
     http_status = 409
     code = "already_voted"
     param = "battle_id"
+
+
+class DataError(LannerError):
+    """A fine-tuning data file, or one of its rows, cannot be used; the message
+    names the file and line (``train.jsonl:12: ...``)."""
+
+    exit_code = 2
