@@ -18,6 +18,7 @@ import json
 import os
 import random
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -73,10 +74,16 @@ def make_task(folder: Path, n: int) -> Path:
     return task
 
 
-def timed(cmd: list[str], env: dict[str, str]) -> float:
+def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """Wall time and CPU time (user + system, all threads) of one command. CPU
+    time is the steadier figure on a shared machine: another process slows the
+    wall clock but barely changes the work done."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - start
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def lanner_answers(home: Path, env: dict[str, str]) -> tuple[list[int], dict[str, float]]:
@@ -101,6 +108,14 @@ def lm_eval_answers(out_dir: Path) -> tuple[list[int], dict[str, float]]:
                      if k in ("acc,none", "acc_norm,none")}
 
 
+def _times(t: tuple[float, float]) -> str:
+    return f"wall {t[0]:7.1f} s, cpu {t[1]:7.1f} s"
+
+
+def _speedup(ref: tuple[float, float], ours: tuple[float, float]) -> str:
+    return f"speed-up {ref[0] / ours[0]:.2f}x wall, {ref[1] / ours[1]:.2f}x cpu"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=500)
@@ -122,21 +137,21 @@ def main() -> None:
                        "--include_path", str(tmp_path), "--device", "cpu", "--batch_size", "1",
                        "--log_samples", "--output_path", str(tmp_path / "lm_eval_out")], env)
         ref, ref_metrics = lm_eval_answers(tmp_path / "lm_eval_out")
-        print(f"lm_eval --model hf (fp32, batch 1):  {t_ref:7.1f} s  {ref_metrics}")
+        print(f"lm_eval --model hf (fp32, batch 1):  {_times(t_ref)}  {ref_metrics}")
         t_hf = timed([sys.executable, "-m", "lanner", "eval", str(folder), "--backend",
                       "transformers", "--dtype", "float32", "--task", str(task),
                       "--no-progress"], env)
         ours, our_metrics = lanner_answers(home, env)
         same = sum(a == b for a, b in zip(ours, ref, strict=True))
-        print(f"lanner eval, transformers fp32:      {t_hf:7.1f} s  {our_metrics}  "
-              f"speed-up {t_ref / t_hf:.2f}x, same answer on {same}/{len(ref)} items")
+        print(f"lanner eval, transformers fp32:      {_times(t_hf)}  {our_metrics}  "
+              f"{_speedup(t_ref, t_hf)}, same answer on {same}/{len(ref)} items")
         if not args.skip_llama_cpp:
             t_cpp = timed([sys.executable, "-m", "lanner", "eval", "smollm2", "--task",
                            str(task), "--no-progress"], env)
             cpp, cpp_metrics = lanner_answers(home, env)
             same = sum(a == b for a, b in zip(cpp, ref, strict=True))
-            print(f"lanner eval, llama.cpp F16:          {t_cpp:7.1f} s  {cpp_metrics}  "
-                  f"speed-up {t_ref / t_cpp:.2f}x, same answer on {same}/{len(ref)} items")
+            print(f"lanner eval, llama.cpp F16:          {_times(t_cpp)}  {cpp_metrics}  "
+                  f"{_speedup(t_ref, t_cpp)}, same answer on {same}/{len(ref)} items")
 
 
 if __name__ == "__main__":

@@ -322,6 +322,18 @@ def test_loglikelihood_of_greedy_token_is_greedy(llama: TransformersBackend) -> 
 # -- errors --------------------------------------------------------------------
 
 
+def test_loglikelihood_batch_equals_one_pair_at_a_time(llama: TransformersBackend) -> None:
+    """Shared contexts scored in one pass (4D mask) give each pair's own value."""
+    pairs = [("the quick brown", " fox"), ("the quick brown", " fox jumps over"),
+             ("the quick brown", " dog"), ("hello", " world"), ("", "the lazy dog"),
+             ("hello", ""), ("a b c", " d e f g h")]
+    batched = llama.loglikelihood_batch(pairs)
+    for (context, continuation), (value, greedy) in zip(pairs, batched, strict=True):
+        expected = llama.loglikelihood(context, continuation)
+        assert value == pytest.approx(expected[0], abs=1e-4)
+        assert greedy == expected[1]
+
+
 def test_missing_and_broken_models_raise_typed_errors(tmp_path: Path) -> None:
     with pytest.raises(ModelNotFound):
         TransformersBackend(tmp_path / "nope")

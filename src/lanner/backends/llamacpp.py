@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Generator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 from typing import Any, cast
@@ -258,21 +257,17 @@ class LlamaCppBackend:
         return total, greedy
 
     def loglikelihood_batch(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
-        """``loglikelihood`` of many pairs, up to ``n_seq_max`` contexts at once in
-        one batch; the pairs of one context run one after another in the same
-        slot, so its cached prefix is decoded once for all of them."""
-        groups: dict[str, list[int]] = {}
-        for i, (context, _) in enumerate(pairs):
-            groups.setdefault(context, []).append(i)
+        """``loglikelihood`` of many pairs, those of one context one after another:
+        each reuses the slot that holds the context, so it is decoded once.
+
+        One at a time on purpose: prompt decoding is compute-bound on a CPU, so
+        decoding several contexts in one batch gains nothing, and in a unified
+        cache every token then attends over all of their cells (measured: 40
+        four-choice questions in 12.3 s batched, 7.9 s one after another)."""
+        order = sorted(range(len(pairs)), key=lambda i: pairs[i][0])  # same contexts together
         out: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
-
-        def run(members: list[int]) -> None:
-            for i in members:
-                out[i] = self.loglikelihood(*pairs[i])
-
-        with ThreadPoolExecutor(max_workers=self.n_seq_max) as pool:
-            for future in [pool.submit(run, m) for m in groups.values()]:
-                future.result()
+        for i in order:
+            out[i] = self.loglikelihood(*pairs[i])
         return out
 
     def prompt_logprobs(self, ids: Sequence[int], top: int = 0) -> list[Token]:

@@ -325,8 +325,7 @@ class TransformersBackend:
 
     def loglikelihood_batch(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
         """``loglikelihood`` of many pairs; pairs with the same context tokens
-        share one forward pass over it, then all their continuations run as one
-        batch on top of its KV cache."""
+        share one forward pass over it and all their continuations."""
         encoded = [self._encode_pair(c, x) for c, x in pairs]
         out: list[tuple[float, bool]] = [(0.0, True)] * len(pairs)
         groups: dict[tuple[int, ...], list[int]] = {}
@@ -347,28 +346,36 @@ class TransformersBackend:
     def _score_shared(
         self, context: list[int], continuations: list[list[int]]
     ) -> list[tuple[float, bool]]:
-        cache = self._new_cache()
-        ids = torch.tensor([context], device=self.device)  # (1, T)
-        first = torch.log_softmax(self._forward(ids, 0, cache)[-1].float(), dim=-1)  # (V,)
-        tails = [c[:-1] for c in continuations]  # the last token is only a target
-        width = max(len(t) for t in tails)
-        rows = torch.empty(0, device=self.device)
-        if width:
-            # Right padding needs no mask: a real token never attends to a later pad.
-            batch = torch.zeros(len(tails), width, dtype=torch.long, device=self.device)
-            for i, tail in enumerate(tails):
-                batch[i, : len(tail)] = torch.tensor(tail)
-            cache.batch_repeat_interleave(len(tails))
-            positions = torch.arange(len(context), len(context) + width, device=self.device)
-            with self._adapters.use(self._adapter):
-                out = self.model(input_ids=batch, position_ids=positions.expand(len(tails), -1),
-                                 **{self._cache_kwarg: cache, "use_cache": True})
-            rows = torch.log_softmax(out.logits.float(), dim=-1)  # (B, width, V)
-        results = []
-        for i, continuation in enumerate(continuations):
-            logprobs = first[None]  # (C, V): row k predicts continuation[k]
-            if width:
-                logprobs = torch.cat([logprobs, rows[i, : len(continuation) - 1]])
+        """One forward pass over the context followed by every continuation (but
+        its last token, only a target), each attending to the context and to
+        itself: a 4D mask, positions restarting after the context for each."""
+        tails = [c[:-1] for c in continuations]
+        n_ctx, n = len(context), len(context) + sum(len(t) for t in tails)
+        allowed = torch.zeros(n, n, dtype=torch.bool)
+        allowed[:n_ctx, :n_ctx] = torch.ones(n_ctx, n_ctx, dtype=torch.bool).tril()
+        positions, start = list(range(n_ctx)), n_ctx
+        for tail in tails:
+            end = start + len(tail)
+            allowed[start:end, :n_ctx] = True
+            allowed[start:end, start:end] = torch.ones(end - start, end - start).tril().bool()
+            positions += range(n_ctx, n_ctx + len(tail))
+            start = end
+        dtype = self.model.dtype
+        mask = torch.zeros(n, n, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+        keep = torch.arange(n_ctx - 1, n)  # rows predicting continuation tokens
+        ids = [*context, *(t for tail in tails for t in tail)]
+        kwargs: dict[str, Any] = {"logits_to_keep": keep} if self._keeps_logits else {}
+        out = self.model(input_ids=torch.tensor([ids], device=self.device),
+                         position_ids=torch.tensor([positions], device=self.device),
+                         attention_mask=mask[None, None].to(self.device), use_cache=False,
+                         **kwargs)
+        logits = out.logits[0] if self._keeps_logits else out.logits[0, n_ctx - 1 :]
+        rows = torch.log_softmax(logits.float(), dim=-1)  # row 0 predicts every first token
+        results, start = [], 1
+        for continuation in continuations:
+            k = len(continuation) - 1
+            logprobs = torch.cat([rows[:1], rows[start : start + k]])  # (C, V)
+            start += k
             target = torch.tensor(continuation, device=self.device)
             total = float(logprobs.gather(1, target[:, None]).sum())
             results.append((total, bool((logprobs.argmax(dim=-1) == target).all())))
