@@ -8,6 +8,7 @@ is the resolved config that the trainer saves beside what it writes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import types
@@ -237,10 +238,8 @@ def _scalar(tp: Any, value: Any, name: str, base: Path) -> Any:
 def _float(value: Any, name: str) -> float:
     # YAML 1.1 reads 2e-4 (no dot) as a string; it is still the number meant.
     if isinstance(value, str):
-        try:
+        with contextlib.suppress(ValueError):
             value = float(value)
-        except ValueError:
-            pass
     if isinstance(value, bool) or not isinstance(value, int | float) or \
             not math.isfinite(value):
         raise InvalidRequest(name, f"must be a number; got {value!r}")

@@ -74,7 +74,7 @@ class SplitStats:
     tokens: int = 0
     """Tokens in the examples kept."""
     trained_tokens: int = 0
-    """Of those, the tokens with a label."""
+    """Of those, the tokens with a label (but a row's first, which nothing predicts)."""
     skipped_reasons: list[str] = field(default_factory=list)
     """The first few malformed rows, "file:line: why"."""
 
@@ -134,7 +134,7 @@ def _encode_split(rows: list[Row], bad: BadRows, make: Callable[[dict[str, Any]]
             continue
         examples.append(Example(ids, labels, row.source))
         stats.tokens += len(ids)
-        stats.trained_tokens += sum(label != IGNORE for label in labels)
+        stats.trained_tokens += sum(label != IGNORE for label in labels[1:])
     stats.skipped, stats.skipped_reasons = bad.count, bad.reasons
     stats.examples = len(examples)
     return examples, stats
