@@ -184,9 +184,11 @@ def test_two_processes_under_accelerate_match_one_with_the_same_global_batch(
     pytest.importorskip("accelerate")
     (tmp_path / "ddp").mkdir()
     config = write_config(tmp_path / "ddp", llama, max_steps=4, batch_size=2)
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes",
-               "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "-m", "lanner", "tune", str(config)]
+    # accelerate's torchrun launcher (its --cpu launcher starts one process without mpirun);
+    # the processes find no CUDA and train over gloo.
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+               "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+               "--dynamo_backend", "no", "-m", "lanner", "tune", str(config)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, env=env, capture_output=True, timeout=600)
     assert done.returncode == 0, done.stderr.decode()[-3000:]

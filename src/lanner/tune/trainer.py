@@ -76,12 +76,12 @@ def train(config: TuneConfig, *, home: str | Path | None = None, resume: bool | 
 class _Run:
     def __init__(self, config: TuneConfig, home: Path, resume: bool | None,
                  progress: bool) -> None:
-        from accelerate import Accelerator, DistributedDataParallelKwargs
+        from accelerate import Accelerator
 
         self.config, self.out = config, config.output_dir
-        # Buffers (rotary tables) are the same everywhere: no broadcast per forward.
-        self.acc = Accelerator(kwargs_handlers=[
-            DistributedDataParallelKwargs(broadcast_buffers=False)])
+        # cpu without CUDA (the transformers backend's devices): then several
+        # processes on CPU train together over gloo.
+        self.acc = Accelerator(cpu=not torch.cuda.is_available())
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         self.device, self.main = self.acc.device, self.acc.is_main_process
         with self.acc.main_process_first():  # a GGUF is converted once
