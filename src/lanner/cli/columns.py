@@ -47,8 +47,9 @@ class Columns:
 
     ``live``: redraw in place (default: when ``out`` is a terminal)."""
 
-    def __init__(self, titles: Sequence[str], out: TextIO = sys.stdout, *,
+    def __init__(self, titles: Sequence[str], out: TextIO | None = None, *,
                  live: bool | None = None) -> None:
+        out = out or sys.stdout  # looked up now, not at import (tests replace it)
         self.titles = list(titles)
         self.texts = ["" for _ in titles]
         self.out = out

@@ -11,8 +11,11 @@ from typing import Any, TextIO
 from lanner.engine.types import Completion, Event, Finish, TextDelta, Token
 
 
-def stream_text(events: Iterable[Event], out: TextIO = sys.stdout) -> Completion:
-    """Print text as it arrives; return the collected completion."""
+def stream_text(events: Iterable[Event], out: TextIO | None = None) -> Completion:
+    """Print text as it arrives (to stdout unless ``out``); return the collected
+    completion. stdout is looked up at the call, not at import: it may have been
+    replaced since (tests capture it)."""
+    out = out or sys.stdout
     result = Completion(text="")
     parts: list[str] = []
     for event in events:
@@ -27,8 +30,9 @@ def stream_text(events: Iterable[Event], out: TextIO = sys.stdout) -> Completion
     return result
 
 
-def stream_probs(events: Iterable[Event], out: TextIO = sys.stdout) -> Completion:
+def stream_probs(events: Iterable[Event], out: TextIO | None = None) -> Completion:
     """One line per token: the token, its probability, the top alternatives."""
+    out = out or sys.stdout
     result = Completion(text="")
     for event in events:
         if isinstance(event, Finish):
