@@ -147,6 +147,21 @@ class Store(Transactions):
             ).fetchone()
         return None if row is None else str(row[0])
 
+    def conversations(self, *, limit: int = 50) -> list[dict[str, object]]:
+        """The latest ``limit`` conversations that have a user-facing turn, newest
+        first: id, model, title (else the first prompt), created_at, turns."""
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT c.id, c.model, c.created_at, COALESCE(c.title, ("
+                "  SELECT prompt FROM responses f WHERE f.conversation_id = c.id"
+                "  AND f.parent_id IS NULL ORDER BY f.id LIMIT 1)) AS title,"
+                " COUNT(r.id) AS turns, MAX(r.id) AS last"
+                " FROM conversations c JOIN responses r ON r.conversation_id = c.id"
+                " AND r.parent_id IS NULL GROUP BY c.id ORDER BY last DESC LIMIT ?",
+                (limit,)).fetchall()
+        return [{k: row[k] for k in ("id", "model", "title", "created_at", "turns")}
+                for row in rows]
+
     def conversation_messages(self, conversation_id: str) -> list[dict[str, str]]:
         """The conversation as chat messages, to resume it.
 
