@@ -131,3 +131,10 @@ class DataError(LannerError):
     names the file and line (``train.jsonl:12: ...``)."""
 
     exit_code = 2
+
+
+class TooLarge(LannerError):
+    """An upload is over the server's size limit (413)."""
+
+    http_status = 413
+    code = "too_large"

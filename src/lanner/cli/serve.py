@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import sys
 
@@ -26,6 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", default=os.environ.get(KEY_ENV),
                    help=f"require 'Authorization: Bearer KEY' on /v1/ (default: ${KEY_ENV}, "
                    "else no key)")
+    p.add_argument("--no-api-key", action="store_true",
+                   help="serve a non-loopback --host without a key, on purpose (anyone who "
+                   "can reach it can run models and upload documents)")
     p.add_argument("--keep-alive", type=float, default=300.0, metavar="SECONDS",
                    help="unload a model after this long unused (default 300; negative: never)")
     p.add_argument("--max-queue", type=int, default=128, metavar="N",
@@ -45,6 +49,11 @@ def run(args: argparse.Namespace) -> int:
     if args.max_queue < 1:
         print("lanner: error: --max-queue must be at least 1", file=sys.stderr)
         return 2
+    if not args.api_key and not args.no_api_key and not is_loopback(args.host):
+        print(f"lanner: error: --host {args.host} opens the server to the network, and it has "
+              f"no API key: add --api-key KEY (or set ${KEY_ENV}), or --no-api-key if you "
+              "mean to leave it open", file=sys.stderr)
+        return 2
     names = list(dict.fromkeys(args.models or [DEFAULT_MODEL]))
     engine = Engine(args.home)
     for name in names:
@@ -56,11 +65,21 @@ def run(args: argparse.Namespace) -> int:
                      max_queue=args.max_queue, embedder=None if args.no_embeddings else ...,
                      load_options={k: v for k, v in load_options.items() if v is not None})
     host = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"Lanner serves {', '.join(names)} at http://{host}:{args.port}/v1 "
-          f"(OpenAI-compatible{'; API key required' if args.api_key else ''}). "
-          "Ctrl-C stops.", flush=True)
+    base = f"http://{host}:{args.port}"
+    print(f"{base}/  Lanner's web UI, serving {', '.join(names)} (OpenAI-compatible API at "
+          f"{base}/v1{'; API key required' if args.api_key else ''}). Ctrl-C stops.", flush=True)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     finally:
         engine.close()
     return 0
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address) is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # another host name: it may resolve to any interface

@@ -28,8 +28,10 @@ from lanner.server import (
     routes_arena,
     routes_chat,
     routes_completions,
+    routes_documents,
     routes_embeddings,
     routes_models,
+    routes_ui,
 )
 from lanner.server.documents import Documents
 from lanner.server.embedder import BUNDLED_PACKAGE, Embedder, SentenceTransformerEmbedder
@@ -134,9 +136,11 @@ def create_app(
     app.state.lanner = state
     for router in (routes_chat.router, routes_completions.router,
                    routes_embeddings.router, routes_models.router, routes_arena.router,
-                   routes_adapters.router):
+                   routes_adapters.router, routes_ui.router, routes_documents.router):
         app.include_router(router, responses=_ERRORS)
     app.include_router(routes_models.open_router)
+    app.include_router(routes_ui.open_router)  # the web UI's page, at /
+    routes_ui.mount_static(app)
     errors.install(app)
     _register_gauges(metrics, pool)
     if api_key:

@@ -193,6 +193,9 @@ class ChatCompletionRequest(_Sampling):
     collection: str | None = None
     passages: Int = Field(5, ge=1, le=50)
     """With ``collection``: how many passages to retrieve."""
+    conversation_id: str | None = Field(None, pattern=r"^[0-9a-f]{32}$")
+    """Lanner's extension: log this answer as a turn of that conversation
+    (``POST /v1/lanner/conversations`` makes one), as ``lanner chat`` logs."""
     # Accepted and ignored: they change nothing a local model does.
     store: bool | None = None
     metadata: dict[str, str] | None = None

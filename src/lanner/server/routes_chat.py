@@ -17,6 +17,7 @@ from lanner.engine.types import Completion, Event, Finish, TextDelta, Token
 from lanner.engine.types import Request as GenRequest
 from lanner.rag.answer import Prepared
 from lanner.server import protocol as p
+from lanner.server.chatlog import TurnRecorder
 from lanner.server.documents import cited
 from lanner.server.serving import (
     ClientGone,
@@ -67,6 +68,7 @@ async def chat_completions(body: p.ChatCompletionRequest, http: Request) -> Any:
                           lambda model: build_requests(model, body, tools), "chatcmpl")
     syntax = syntax_for(run.loaded.chat_format) if tools and tools.parses else None
     parallel = tools is None or tools.parallel
+    recorder = _recorder(state, body, run)
     if body.stream:
         try:
             events = await first_event(run, http)
@@ -74,13 +76,16 @@ async def chat_completions(body: p.ChatCompletionRequest, http: Request) -> Any:
             return Response(status_code=499)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         parsers = ChoiceStreams(syntax, parallel) if syntax else None
-        return EventStreamResponse(guarded(_sse(run, events, body.logprobs, include_usage, parsers),
-                                           f"chat stream {run.id}"),
-                                   on_close=run.streams.close)
+        sse = _sse(run, events, body.logprobs, include_usage, parsers, recorder)
+        return EventStreamResponse(guarded(sse, f"chat stream {run.id}"),
+                                   on_close=lambda: _closed(run, recorder))
     try:
         results = await collect(run, http)
     except ClientGone:
         return Response(status_code=499)
+    if recorder is not None:
+        recorder.completed(results[0])
+        recorder.close()
     choices = [_chat_choice(i, r, body.logprobs, syntax, parallel)
                for i, r in enumerate(results)]
     return p.ChatCompletion(id=run.id, created=run.created, model=run.model,
@@ -116,6 +121,10 @@ async def _documents_answer(state: ServerState, body: p.ChatCompletionRequest,
     except ClientGone:
         return Response(status_code=499)
     answer = cited(prepared[0], result.text)
+    recorder = _recorder(state, body, run)
+    if recorder is not None:
+        recorder.completed(result, answer.marked_text())
+        recorder.close()
     choice = p.ChatChoice(index=0, message=p.ChoiceMessage(content=answer.marked_text()),
                           logprobs=p.chat_logprobs(result.tokens) if body.logprobs else None,
                           finish_reason=finish_reason(result))
@@ -123,6 +132,20 @@ async def _documents_answer(state: ServerState, body: p.ChatCompletionRequest,
                             system_fingerprint=run.fingerprint, choices=[choice],
                             usage=_usage(run, completion_tokens([result])),
                             citations=answer.to_json())
+
+
+def _recorder(state: ServerState, body: p.ChatCompletionRequest, run: Run) -> TurnRecorder | None:
+    """With ``conversation_id``: what logs choice 0 as a turn of that conversation."""
+    if body.conversation_id is None:
+        return None
+    return TurnRecorder(state, body.conversation_id, run.loaded, run.requests[0],
+                        p.chat_messages(body))
+
+
+def _closed(run: Run, recorder: TurnRecorder | None) -> None:
+    run.streams.close()
+    if recorder is not None:
+        recorder.close()
 
 
 def _usage(run: Run, completion: int) -> p.Usage:
@@ -133,7 +156,7 @@ def _usage(run: Run, completion: int) -> p.Usage:
 
 async def _sse(
     run: Run, events: AsyncIterator[tuple[int, Event]], logprobs: bool, include_usage: bool,
-    parsers: ChoiceStreams | None = None,
+    parsers: ChoiceStreams | None = None, recorder: TurnRecorder | None = None,
 ) -> AsyncIterator[bytes]:
     """The chunk stream: per choice a role chunk, content (and tool-call) chunks
     and a finish chunk; then the usage chunk if asked for; then [DONE]."""
@@ -144,6 +167,8 @@ async def _sse(
     chunks = _Chunks(logprobs, parsers)
     completion = 0
     async for index, ev in events:
+        if recorder is not None:
+            recorder.feed(index, ev)
         for choice in chunks.of(index, ev):
             yield event({**head, "choices": [choice]})
         if isinstance(ev, Finish):
