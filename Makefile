@@ -1,4 +1,4 @@
-# Two commands on a fresh machine: `make run` (chat with the bundled model) and `make test`.
+# Two commands on a fresh machine: `make run` (the web UI on the bundled model) and `make test`.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -19,10 +19,15 @@ $(VENV)/.installed: pyproject.toml Makefile
 	@command -v bwrap >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
 	  && apt-get update -qq && apt-get install -y -qq bubblewrap; } \
 	  || echo "note: install bubblewrap (bwrap) for the code interpreter's sandbox"
+	@# The web UI's browser tests drive Debian's chromium (Playwright never downloads one).
+	@[ -x /usr/bin/chromium ] || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && apt-get update -qq && apt-get install -y -qq chromium; } \
+	  || echo "note: install chromium (/usr/bin/chromium) to run the web UI's browser tests"
 	touch $@
 
+# The web UI; both builds of the bundled model, so Compare and Arena have two to set side by side.
 run: install
-	$(BIN)/lanner chat
+	$(BIN)/lanner serve smollm2 smollm2-q4_1
 
 test: install
 	$(BIN)/python -m pytest -q
