@@ -138,3 +138,19 @@ class TooLarge(LannerError):
 
     http_status = 413
     code = "too_large"
+
+
+class CatalogError(LannerError):
+    """A catalog data file is malformed; the message names the file, the entry
+    and the field. Also: no catalog entry by that name."""
+
+    code = "catalog_error"
+
+
+class WontFit(LannerError):
+    """The memory planner says the model does not fit this machine; the
+    message gives the numbers."""
+
+    exit_code = 3
+    http_status = 507
+    error_type = "server_error"

@@ -116,6 +116,19 @@ class _GGUFHeader:
             out[key] = self._value(self._unpack("I"), keep_strings=key == _TOKENS_KEY)
         return out
 
+    def tensor_elements(self) -> int:
+        """After ``fields()``: how many numbers the tensors hold (the parameter count)."""
+        total = 0
+        for _ in range(self._unpack("Q", 8)):
+            self._string()  # name
+            n_dims = self._unpack("I")
+            count = 1
+            for _ in range(n_dims):
+                count *= self._unpack("Q")
+            self.pos += 4 + 8  # type, offset
+            total += count
+        return total
+
 
 def read_gguf_fields(path: Path) -> dict[str, Any]:
     """The key/value metadata of a GGUF file (arrays other than the token list
@@ -123,6 +136,18 @@ def read_gguf_fields(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             return _GGUFHeader(buf, path).fields()
+    except (OSError, ValueError, struct.error) as exc:
+        raise ModelLoadError(f"{path}: cannot read GGUF metadata: {exc}") from exc
+
+
+def read_gguf_parameters(path: Path) -> tuple[dict[str, Any], int]:
+    """The key/value metadata and the parameter count (elements of all tensors)
+    of a GGUF file, without reading any tensor data."""
+    try:
+        with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            header = _GGUFHeader(buf, path)
+            fields = header.fields()
+            return fields, header.tensor_elements()
     except (OSError, ValueError, struct.error) as exc:
         raise ModelLoadError(f"{path}: cannot read GGUF metadata: {exc}") from exc
 

@@ -88,8 +88,23 @@ def load_model(args: argparse.Namespace, name: str | None) -> Model:
     options = {"n_ctx": args.n_ctx, "dtype": args.dtype, "kv": args.kv,
                "adapter": args.adapter}
     engine = Engine(args.home)
+    licence_notice(engine.home, name or DEFAULT_MODEL)
     return engine.load(name or DEFAULT_MODEL, backend=args.backend,
                        chat_format=args.chat_format, **options)
+
+
+def licence_notice(home: Path, name: str) -> None:
+    """Once per model: say so when its licence restricts hosting or use, or
+    needs its terms accepted (an unknown name is left to the loader to report)."""
+    from lanner.catalog.licensing import warn_for_spec
+    from lanner.engine.registry import resolve
+    from lanner.errors import ModelNotFound
+
+    try:
+        spec = resolve(name, home)
+    except ModelNotFound:
+        return
+    warn_for_spec(home, spec)
 
 
 def open_store(args: argparse.Namespace) -> Store | None:

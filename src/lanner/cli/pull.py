@@ -25,10 +25,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lanner.catalog.licensing import warn_for_repo
     from lanner.engine import hub  # keeps `lanner --help` free of the Hub code
 
-    spec = hub.pull(paths.home(args.home), args.repo_id, file=args.file,
-                    revision=args.revision, name=args.name)
+    home = paths.home(args.home)
+    spec = hub.pull(home, args.repo_id, file=args.file, revision=args.revision, name=args.name,
+                    on_listing=lambda listing: warn_for_repo(home, args.repo_id, listing.license))
     print(f"{spec.name}: {spec.path} ({spec.format}, {_size(spec.size_bytes)}, "
           f"licence {spec.license})")
     print(f'run it with: lanner run {spec.name} "Hello"')

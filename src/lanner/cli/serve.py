@@ -37,6 +37,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "with Retry-After (default 128)")
     p.add_argument("--no-embeddings", action="store_true",
                    help="do not serve the bundled embedding model on /v1/embeddings")
+    p.add_argument("--store", metavar="URL", default=None,
+                   help="where the collections of \"collection\" requests live: a postgresql:// "
+                   "URL (one connection pool for all requests) or a SQLite file (default: "
+                   "logs.db in the Lanner home)")
     options.add_model_flags(p)
     p.set_defaults(func=run, kv="auto")
 
@@ -44,6 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from lanner.catalog.fit import check_models_for_serving
     from lanner.server.app import create_app
 
     if args.max_queue < 1:
@@ -58,11 +63,16 @@ def run(args: argparse.Namespace) -> int:
     engine = Engine(args.home)
     for name in names:
         resolve(name, engine.home)  # an unknown name fails now, not on first request
+    # Licence notices, and a model that will not fit is refused before loading;
+    # the KV layout is the one the memory planner sized.
+    args.kv = check_models_for_serving(engine.home, names, backend=args.backend,
+                                       n_ctx=args.n_ctx, kv=args.kv, adapter=args.adapter)
     load_options = {"backend": args.backend, "chat_format": args.chat_format,
                     "n_ctx": args.n_ctx, "dtype": args.dtype, "kv": args.kv,
                     "adapter": args.adapter}
     app = create_app(engine, names, api_key=args.api_key, keep_alive_s=args.keep_alive,
                      max_queue=args.max_queue, embedder=None if args.no_embeddings else ...,
+                     store=args.store,
                      load_options={k: v for k, v in load_options.items() if v is not None})
     host = f"[{args.host}]" if ":" in args.host else args.host
     base = f"http://{host}:{args.port}"

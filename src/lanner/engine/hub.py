@@ -16,7 +16,7 @@ import hashlib
 import os
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from glob import escape as glob_escape
@@ -92,19 +92,23 @@ def local_dir(home: Path, repo_id: str) -> Path:
 
 
 def pull(home: Path, repo_id: str, *, file: str | None = None, revision: str | None = None,
-         name: str | None = None) -> ModelSpec:
+         name: str | None = None,
+         on_listing: Callable[[RepoListing], object] | None = None) -> ModelSpec:
     """Download a model from the Hub, verify it and register it under a short name.
 
     Raises ``LannerError`` (one line, no traceback) when the Hub cannot be
     reached, the repo, revision or file does not exist, the repo holds several
     GGUF files and ``file`` is not given, or a download does not match the
     Hub's size or hash. models.json is only written after a verified download.
+    ``on_listing`` sees the repo's files and licence before anything is downloaded.
     """
     _check_repo_id(repo_id)
     registered(home)  # a damaged models.json fails now, not after the download
     if name is not None:
         _check_name_free(home, name, repo_id)
     listing = fetch_listing(repo_id, revision)
+    if on_listing is not None:
+        on_listing(listing)
     plan = choose(listing, file)
     short = name or default_name(repo_id, plan)
     _check_name_free(home, short, repo_id)
