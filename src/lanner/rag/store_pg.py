@@ -3,13 +3,17 @@ with the pgvector extension (``postgresql://`` URLs).
 
 Same interface as the SQLite store. Vectors live in a ``vector`` column and
 each collection gets its own partial HNSW index on ``embedding::vector(d)``
-(a collection fixes its dimensions; the table holds any). Keyword search uses
-PostgreSQL full text search (``tsvector`` + GIN, ranked by ``ts_rank_cd``).
-The schema is created on first open (tables prefixed ``lanner_``).
+(a collection fixes its dimensions; the table holds any). Keyword search is
+BM25 over term statistics kept per collection, with the SQLite store's terms
+(``store_pg_schema``, ``terms``). A file's chunks and postings go in with
+COPY, in one transaction per file. One store holds a pool of connections,
+shared by every thread that uses it (``lanner serve`` keeps one store).
+The tables are created on first open (prefixed ``lanner_``).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -17,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from lanner.errors import BackendUnavailable, InvalidRequest, StoreError
+from lanner.rag import store_pg_schema as schema
 from lanner.rag.chunking import Chunk
 from lanner.rag.store import (
     Collection,
@@ -26,62 +31,40 @@ from lanner.rag.store import (
     check_vectors,
     no_such_collection,
 )
+from lanner.rag.terms import chunk_terms, query_terms
 
 EF_SEARCH = 100
 """HNSW candidate list size at query time (pgvector's default is 40): recall
 against exact search >= 0.95 at k=10 in benchmarks/rag_speed.py."""
-
-_SCHEMA = """
-CREATE EXTENSION IF NOT EXISTS vector;
-CREATE TABLE IF NOT EXISTS lanner_collections (
-    id          serial PRIMARY KEY,
-    name        text NOT NULL UNIQUE,
-    embedder    text NOT NULL,
-    dimensions  integer NOT NULL,
-    created_at  timestamptz NOT NULL DEFAULT now()
-);
-CREATE TABLE IF NOT EXISTS lanner_documents (
-    id             serial PRIMARY KEY,
-    collection_id  integer NOT NULL REFERENCES lanner_collections(id) ON DELETE CASCADE,
-    path           text NOT NULL,
-    sha256         text NOT NULL,
-    pages          integer NOT NULL,
-    ingested_at    timestamptz NOT NULL DEFAULT now(),
-    UNIQUE (collection_id, path)
-);
-CREATE TABLE IF NOT EXISTS lanner_chunks (
-    id             bigserial PRIMARY KEY,
-    document_id    integer NOT NULL REFERENCES lanner_documents(id) ON DELETE CASCADE,
-    collection_id  integer NOT NULL,
-    page           integer,
-    start_char     integer NOT NULL,
-    end_char       integer NOT NULL,
-    heading        text NOT NULL,
-    text           text NOT NULL,
-    embedding      vector NOT NULL,
-    tsv            tsvector GENERATED ALWAYS AS
-                   (to_tsvector('english', heading || ' ' || text)) STORED
-);
-CREATE INDEX IF NOT EXISTS lanner_chunks_document ON lanner_chunks (document_id);
-CREATE INDEX IF NOT EXISTS lanner_chunks_tsv ON lanner_chunks USING gin (tsv);
-"""
+POOL_SIZE = 8
+"""Most connections one store opens (threads beyond it wait for one)."""
+POOL_TIMEOUT_S = 30.0
 
 
-def _connect(url: str) -> Any:
+def _open_pool(url: str, location: str, size: int) -> Any:
     try:
         import psycopg
         from pgvector.psycopg import register_vector
+        from psycopg_pool import ConnectionPool
     except ImportError as exc:
-        raise BackendUnavailable("the PostgreSQL store needs psycopg and pgvector "
-                                 "(pip install 'psycopg[binary]' pgvector)") from exc
-    try:
-        conn = psycopg.connect(url, autocommit=True)
-        conn.execute(_SCHEMA)
+        raise BackendUnavailable("the PostgreSQL store needs psycopg, psycopg-pool and "
+                                 "pgvector (pip install 'psycopg[binary,pool]' pgvector)"
+                                 ) from exc
+
+    def configure(conn: Any) -> None:
         register_vector(conn)
         conn.execute(f"SET hnsw.ef_search = {EF_SEARCH}")
+
+    try:
+        with psycopg.connect(url, autocommit=True) as conn:
+            schema.create_or_upgrade(conn)
+        pool = ConnectionPool(url, min_size=1, max_size=size, open=False, configure=configure,
+                              kwargs={"autocommit": True, "application_name": "lanner"},
+                              timeout=POOL_TIMEOUT_S, name="lanner")
+        pool.open(wait=True, timeout=POOL_TIMEOUT_S)
     except psycopg.Error as exc:
-        raise StoreError(f"cannot open the PostgreSQL store {_redact(url)}: {exc}") from exc
-    return conn
+        raise StoreError(f"cannot open the PostgreSQL store {location}: {exc}") from exc
+    return pool
 
 
 def _redact(url: str) -> str:
@@ -94,25 +77,36 @@ def _redact(url: str) -> str:
 
 
 class PgDocumentStore:
-    """Collections in the PostgreSQL database at ``url`` (pgvector >= 0.5)."""
+    """Collections in the PostgreSQL database at ``url`` (pgvector >= 0.5).
+    Thread-safe: each call borrows a connection from the store's pool of at
+    most ``pool_size``."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, pool_size: int = POOL_SIZE) -> None:
+        if isinstance(pool_size, bool) or not isinstance(pool_size, int) or pool_size < 1:
+            raise InvalidRequest("pool_size", f"must be a positive integer, got {pool_size!r}")
         self.location = _redact(url)
-        self._conn = _connect(url)
+        self._pool = _open_pool(url, self.location, pool_size)
 
     @contextmanager
     def _tx(self) -> Iterator[Any]:
+        """One transaction on a pooled connection: committed on success."""
         import psycopg
+        from psycopg_pool import PoolTimeout
 
         try:
-            with self._conn.transaction():
-                yield self._conn
+            with self._pool.connection() as conn, conn.transaction():
+                yield conn
+        except PoolTimeout as exc:
+            raise StoreError(f"{self.location}: no free connection after "
+                             f"{POOL_TIMEOUT_S:.0f} s ({exc})") from exc
         except psycopg.Error as exc:
             raise StoreError(f"{self.location}: {exc}") from exc
 
-    def _collection(self, conn: Any, name: str) -> tuple[int, int]:
-        row = conn.execute("SELECT id, dimensions FROM lanner_collections WHERE name = %s",
-                           (name,)).fetchone()
+    def _collection(self, conn: Any, name: str, *, lock: bool = False) -> tuple[int, int]:
+        """(id, dimensions) of collection ``name``; ``lock``: hold its row lock
+        to the end of the transaction (every write does: one writer at a time)."""
+        row = conn.execute("SELECT id, dimensions FROM lanner_collections WHERE name = %s"
+                           + (" FOR UPDATE" if lock else ""), (name,)).fetchone()
         if row is None:
             names = [r[0] for r in conn.execute(
                 "SELECT name FROM lanner_collections ORDER BY name")]
@@ -155,7 +149,8 @@ class PgDocumentStore:
 
     def drop_collection(self, name: str) -> None:
         with self._tx() as conn:
-            cid, _ = self._collection(conn, name)
+            cid, _ = self._collection(conn, name, lock=True)
+            schema.drop_terms(conn, cid)
             conn.execute("DELETE FROM lanner_chunks WHERE collection_id = %s", (cid,))
             conn.execute(f"DROP INDEX IF EXISTS lanner_chunks_hnsw_{cid}")
             conn.execute("DELETE FROM lanner_collections WHERE id = %s", (cid,))
@@ -181,28 +176,40 @@ class PgDocumentStore:
 
     def put_document(self, name: str, document: DocumentRecord, chunks: Sequence[Chunk],
                      vectors: np.ndarray) -> None:
+        terms = chunk_terms([(c.text, c.heading) for c in chunks])  # before taking the lock
         with self._tx() as conn:
-            cid, dims = self._collection(conn, name)
+            cid, dims = self._collection(conn, name, lock=True)
             array = check_vectors(chunks, vectors, dims)
-            conn.execute("DELETE FROM lanner_documents WHERE collection_id = %s AND path = %s",
-                         (cid, document.path))
+            self._delete_document(conn, cid, document.path)
             doc_id = conn.execute(
                 "INSERT INTO lanner_documents (collection_id, path, sha256, pages)"
                 " VALUES (%s, %s, %s, %s) RETURNING id",
                 (cid, document.path, document.sha256, document.pages)).fetchone()[0]
-            with conn.cursor() as cursor:
-                cursor.executemany(
-                    "INSERT INTO lanner_chunks (document_id, collection_id, page, start_char,"
-                    " end_char, heading, text, embedding) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-                    [(doc_id, cid, c.page, c.start, c.end, c.heading, c.text, array[i])
-                     for i, c in enumerate(chunks)])
+            ids = [r[0] for r in conn.execute(
+                "SELECT nextval(pg_get_serial_sequence('lanner_chunks', 'id'))"
+                " FROM generate_series(1, %s)", (len(chunks),))]
+            term_ids = schema.add_terms(conn, cid, ids, terms)
+            with conn.cursor() as cursor, cursor.copy(
+                    "COPY lanner_chunks (id, document_id, collection_id, page, start_char,"
+                    " end_char, heading, text, embedding, length, term_ids) FROM STDIN") as copy:
+                for i, c in enumerate(chunks):
+                    copy.write_row((ids[i], doc_id, cid, c.page, c.start, c.end, c.heading,
+                                    c.text, array[i], terms[i].length, term_ids[i]))
 
     def remove_document(self, name: str, path: str) -> bool:
         with self._tx() as conn:
-            cid, _ = self._collection(conn, name)
-            row = conn.execute("DELETE FROM lanner_documents WHERE collection_id = %s"
-                               " AND path = %s RETURNING id", (cid, path)).fetchone()
-        return row is not None
+            cid, _ = self._collection(conn, name, lock=True)
+            return self._delete_document(conn, cid, path)
+
+    @staticmethod
+    def _delete_document(conn: Any, cid: int, path: str) -> bool:
+        row = conn.execute("SELECT id FROM lanner_documents WHERE collection_id = %s"
+                           " AND path = %s", (cid, path)).fetchone()
+        if row is None:
+            return False
+        schema.remove_terms(conn, cid, row[0])
+        conn.execute("DELETE FROM lanner_documents WHERE id = %s", (row[0],))  # chunks cascade
+        return True
 
     # -- search ---------------------------------------------------------------------
 
@@ -224,19 +231,14 @@ class PgDocumentStore:
         return [(int(r[0]), -float(r[1])) for r in rows]
 
     def keyword_search(self, name: str, terms: Sequence[str], k: int) -> list[tuple[int, float]]:
-        words = [t for t in terms if t.isalnum()]
-        if not words or k < 1:
+        counts: Counter[str] = query_terms([t for t in terms if t.strip()])
+        if not counts or k < 1:
             return []
-        # to_tsquery over "a | b | c": any word matches; plainto_tsquery would need all.
-        query = " | ".join(words)
-        sql = """
-            SELECT id, ts_rank_cd(tsv, q) AS score
-            FROM lanner_chunks, to_tsquery('english', %s) AS q
-            WHERE collection_id = %s AND tsv @@ q ORDER BY score DESC, id LIMIT %s"""
         with self._tx() as conn:
             cid, _ = self._collection(conn, name)
-            rows = conn.execute(sql, (query, cid, k)).fetchall()
-        return [(int(r[0]), float(r[1])) for r in rows]
+            rows = conn.execute(schema.BM25_SQL, {"cid": cid, "terms": list(counts),
+                                                  "counts": list(counts.values()), "k": k})
+            return [(int(r[0]), float(r[1])) for r in rows]
 
     def get_chunks(self, ids: Sequence[int]) -> list[StoredChunk]:
         if not ids:
@@ -250,4 +252,4 @@ class PgDocumentStore:
         return [found[i] for i in ids if i in found]
 
     def close(self) -> None:
-        self._conn.close()
+        self._pool.close()

@@ -52,11 +52,13 @@ def content_words(text: str) -> list[str]:
 
 def keyword_terms(text: str, limit: int = 32) -> list[str]:
     """The distinct, unstemmed content words of a query, for a keyword engine
-    (which stems by its own rules). At most ``limit`` terms."""
+    (which stems by its own rules). At most ``limit`` terms. An apostrophe
+    splits a word as the keyword index does ("dell'acqua": "dell", "acqua")."""
     seen: dict[str, None] = {}
     for w in words(text):
-        if w not in STOPWORDS and (len(w) > 1 or w.isdigit()):
-            seen.setdefault(w.replace("'", ""), None)
+        for part in w.split("'"):
+            if part not in STOPWORDS and (len(part) > 1 or part.isdigit()):
+                seen.setdefault(part, None)
     return list(seen)[:limit]
 
 
