@@ -106,7 +106,7 @@ def default_embedder() -> Embedder | None:
 def create_app(
     engine: Engine, models: list[str], *, api_key: str | None = None, keep_alive_s: float = 300.0,
     max_queue: int = 128, embedder: Embedder | None | EllipsisType = ...,
-    load_options: dict[str, Any] | None = None,
+    load_options: dict[str, Any] | None = None, store: str | None = None,
 ) -> FastAPI:
     """An OpenAI-compatible app serving ``models`` (names the engine can load).
 
@@ -116,6 +116,9 @@ def create_app(
     never). At most ``max_queue`` generations are held at once; more get 503
     with Retry-After. ``embedder``: ``...`` for the bundled MiniLM, None for no
     /v1/embeddings model.
+    ``store``: where the collections of ``collection`` requests live (see
+    ``lanner.rag.open_store``; default logs.db in the engine's home), opened
+    once and shared by all requests.
     """
     pool = ModelPool(engine, models, keep_alive_s=keep_alive_s, max_queue=max_queue,
                      load_options=load_options)
@@ -123,7 +126,7 @@ def create_app(
     metrics = Metrics()
     state = ServerState(pool, executor, metrics,
                         default_embedder() if embedder is ... else embedder, api_key,
-                        Documents(engine))
+                        Documents(engine, store))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -20,17 +20,20 @@ from lanner.server import protocol as p
 
 
 class Documents:
-    """The server's one Library, opened on first use (in the engine's home)."""
+    """The server's one Library, opened on first use: the store at ``store``
+    (a PostgreSQL store keeps one connection pool for every request), else
+    logs.db in the engine's home."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, store: str | None = None) -> None:
         self._home = engine.home
+        self._store = store
         self._library: Library | None = None
         self._lock = threading.Lock()
 
     def library(self) -> Library:
         with self._lock:
             if self._library is None:
-                self._library = Library.open(home=self._home)
+                self._library = Library.open(self._store, home=self._home)
             return self._library
 
     def prepare(self, model: Model, body: p.ChatCompletionRequest,
