@@ -45,6 +45,9 @@ class FitReport:
     better_quant: Plan | None
     """The most precise quantisation that fits without offload, if the asked
     one does not."""
+    shorter: tuple[str, int] | None = None
+    """When no quantisation fits at this context: the most precise one that
+    fits a shorter context, and that context."""
 
 
 def subject(name: str, home: Path) -> Subject:
@@ -57,9 +60,8 @@ def subject(name: str, home: Path) -> Subject:
     except ModelNotFound as local_error:
         try:
             entry = get(name)
-        except CatalogError:
-            raise ModelNotFound(f"{local_error}; and no catalog entry {name!r} "
-                                "(see `lanner models --catalog`)") from None
+        except CatalogError as catalog_error:
+            raise ModelNotFound(f"{local_error}; and {catalog_error}") from None
         return Subject(entry.name, entry.arch, entry.parameters, "bf16", None, entry=entry)
     return _local_subject(local)
 
@@ -98,12 +100,16 @@ def fit(s: Subject, budget: Budget, *, quant: str | None = None, context: int | 
                      kv_dtype=kv_dtype, weights=weights)
     longest = planner.largest_context(s.arch, s.parameters, budget, quant_name=q, batch=batch,
                                       kv_dtype=kv_dtype, weights=weights)
-    better = None
+    better, shorter = None, None
     if not planner.fits_alone(p, budget):
         ladder = planner.GPU_LADDER if budget.gpu else planner.GGUF_LADDER
         better = planner.best_quant_that_fits(s.arch, s.parameters, budget, ladder,
                                               context=context, batch=batch, kv_dtype=kv_dtype)
-    return FitReport(s, p, budget, planner.verdict(p, budget), longest, better)
+        if better is None and longest == 0:
+            shorter = next(((name, n) for name in ladder if (n := planner.largest_context(
+                s.arch, s.parameters, budget, quant_name=name, batch=batch,
+                kv_dtype=kv_dtype))), None)
+    return FitReport(s, p, budget, planner.verdict(p, budget), longest, better, shorter)
 
 
 def budget(gpu: str | None, ram: str | None) -> Budget:
@@ -152,7 +158,8 @@ def plan_serving(s: Subject, *, n_ctx: int | None, kv: str, ram: int | None = No
         "split" if split_kv <= min(ram // 4, 4 << 30) else "unified")
     batch = SERVE_SEQUENCES if layout == "split" else 1
     p = planner.plan(s.arch, s.parameters, quant_name=s.runs_as, context=window, batch=batch,
-                     weights=s.weights, prefill_tokens=min(window, SERVE_BATCH_TOKENS))
+                     weights=s.weights, prefill_tokens=min(window, SERVE_BATCH_TOKENS),
+                     logit_rows=min(window, SERVE_BATCH_TOKENS))
     b = Budget(0, ram, "", f"{planner.gb(ram)} (this machine's)")
     longest = planner.largest_context(s.arch, s.parameters, b, quant_name=s.runs_as,
                                       batch=batch, weights=s.weights)

@@ -151,21 +151,26 @@ def weights_bytes(arch: Architecture, parameters: int, q: Quant) -> int:
     return int((parameters - kept) * q.bits / 8 + kept * 2)
 
 
-def activation_bytes(arch: Architecture, tokens: int, batch: int) -> int:
+def activation_bytes(arch: Architecture, tokens: int, logit_rows: int = 1) -> int:
+    """One forward pass over ``tokens``, with ``logit_rows`` rows of fp32 logits
+    (transformers' generate keeps the last position's; llama.cpp reserves one
+    per token of its batch)."""
     mlp_width = arch.intermediate_size * (2 if arch.mlp == "gated" else 1)
     mlp_width *= max(arch.experts_per_token, 1)
     per_token = (4 * arch.hidden_size + mlp_width) * 2
-    return batch * tokens * per_token + batch * arch.vocab_size * 4
+    return tokens * per_token + logit_rows * arch.vocab_size * 4
 
 
 def plan(arch: Architecture, parameters: int, *, quant_name: str = "bf16",
          context: int | None = None, batch: int = 1, kv_dtype: str = "f16",
-         weights: int | None = None, prefill_tokens: int | None = None) -> Plan:
+         weights: int | None = None, prefill_tokens: int | None = None,
+         logit_rows: int | None = None) -> Plan:
     """The memory to run a model at ``context`` tokens per sequence (default:
     its context length) for ``batch`` sequences at once. ``weights``: the
     weights' real size in bytes when known (a local file), else computed.
     ``prefill_tokens``: most tokens one forward pass takes (llama.cpp: its
-    batch size); default all of them (``context`` x ``batch``)."""
+    batch size); default all of them (``context`` x ``batch``). ``logit_rows``:
+    rows of logits held (default one a sequence)."""
     tokens = context or arch.context_length
     q = quant(quant_name)
     w = weights if weights is not None else weights_bytes(arch, parameters, q)
@@ -173,7 +178,7 @@ def plan(arch: Architecture, parameters: int, *, quant_name: str = "bf16",
     return Plan(
         weights=w,
         kv_cache=kv_cache_bytes(arch, tokens, batch, kv_dtype),
-        activations=activation_bytes(arch, prefill, 1) + (batch - 1) * arch.vocab_size * 4,
+        activations=activation_bytes(arch, prefill, logit_rows or batch),
         overhead=int(w * OVERHEAD_FRACTION),
         parameters=parameters, quant=q.name, context=tokens, batch=batch,
         kv_dtype=kv_dtype, kv_bytes_per_token=kv_bytes_per_token(arch, kv_dtype),

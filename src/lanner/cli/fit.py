@@ -83,6 +83,9 @@ def render(r: FitReport) -> list[str]:
         if r.better_quant is not None:
             lines.append(f"  most precise quantisation that fits: --quant "
                          f"{r.better_quant.quant} ({gb(r.better_quant.total)})")
+        elif r.shorter is not None:
+            lines.append(f"  at this context no quantisation fits; --quant {r.shorter[0]} fits "
+                         f"--context {r.shorter[1]}")
         elif r.largest_context == 0:
             lines.append("  no quantisation fits; more memory or more GPUs (e.g. --gpu 8x80GB)")
     return lines
