@@ -83,6 +83,35 @@ def test_an_italian_query_finds_the_italian_passage(library: Library, tmp_path: 
     assert "acciughe al mercato" in top[0].chunk.text
 
 
+GUIDE = """# Fine-tuning guide
+
+## Models
+
+A model is fine-tuned when the base model is trained further. Pick a model that fits your \
+GPU: a small model trains fast, a large model trains slowly, and every model needs data.
+
+## Tools
+
+Use the tool that your model supports; the tool reads the model config and trains the model.
+
+## Case study
+
+Jeremy used Axolotl to fine-tune the SQL model on a used RTX 3090.
+"""
+
+
+def test_rare_words_outrank_common_ones(library: Library, tmp_path: Path) -> None:
+    # The question that PostgreSQL's ts_rank_cd got wrong: its common words
+    # ("model", "tool") fill other passages; the rare ones ("Jeremy", "SQL") decide.
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "guide.md").write_text(GUIDE)
+    library.ingest([tmp_path / "docs"], "docs", **CHUNKING)
+    for mode in ("keyword", "hybrid"):
+        top = library.search("Which tool did Jeremy use to fine-tune the SQL model?", "docs",
+                             k=1, mode=mode)  # type: ignore[arg-type]
+        assert "Jeremy used Axolotl" in top[0].chunk.text, mode
+
+
 def test_keyword_ranking_is_the_same_on_both_stores(
         tmp_path: Path, embedder: LocalEmbedder, pg_server: Any) -> None:  # noqa: F811
     corpus = write_corpus(tmp_path / "corpus")
