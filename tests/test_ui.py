@@ -271,3 +271,46 @@ def test_a_server_with_a_key_asks_for_it_once_per_tab(
         context.close()
     finally:
         next(servers, None)
+
+
+def test_a_phone_width_screen_shows_the_chat_without_sideways_scrolling(
+    browser: Any, server: LiveServer,
+) -> None:
+    context = browser.new_context(viewport={"width": 375, "height": 740}, has_touch=True)
+    page = context.new_page()
+    page.goto(server.url + "/")
+    expect(page.locator("body")).to_have_attribute("data-ready", "true")
+    ask(page, "Say hello")
+    expect(last_answer(page).locator("strong")).to_have_text("bold")
+    last_answer(page).get_by_role("button", name="Token probabilities").tap()
+    last_answer(page).locator(".tok").nth(2).tap()
+    expect(page.locator("#tip")).to_contain_text("90.0%")
+    assert page.evaluate("document.documentElement.scrollWidth") <= 375
+    expect(page.locator("#send")).to_be_in_viewport()
+    shot(page, "13-phone")
+    context.close()
+
+
+@pytest.mark.slow
+def test_the_bundled_model_streams_a_real_answer_with_probabilities(
+    browser: Any, smollm2_gguf: Path, tmp_path: Path,
+) -> None:
+    engine = Engine(tmp_path)
+    with serving(create_app(engine, ["smollm2"], embedder=None)) as live:
+        context = browser.new_context()
+        page = context.new_page()
+        page.goto(live.url + "/")
+        expect(page.locator("body")).to_have_attribute("data-ready", "true")
+        page.click("details summary")
+        page.fill("#max_tokens", "24")
+        ask(page, "What is the capital of France?")
+        expect(page.locator("#send")).to_be_enabled(timeout=120_000)
+        answer = last_answer(page)
+        expect(answer.locator(".meta")).to_contain_text("tokens")
+        assert answer.locator(".body").inner_text().strip()
+        answer.get_by_role("button", name="Token probabilities").click()
+        answer.locator(".tok").first.hover()
+        expect(page.locator("#tip tr")).to_have_count(5)
+        expect(page.locator("#context-text")).to_contain_text(" tokens")
+        shot(page, "14-bundled-model")
+        context.close()
