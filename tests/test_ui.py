@@ -136,6 +136,27 @@ def test_stop_ends_a_streaming_answer_and_keeps_what_came(page: Any) -> None:
     kept = last_answer(page).locator(".body").inner_text()
     assert kept.startswith("Once upon a time") and len(kept) < len(LONG.strip())
     shot(page, "04-stopped")
+    # The log holds the cut-short answer (as "cancelled"), so a reload keeps it. It
+    # may hold a few more characters than were shown: those sent while the stop
+    # was on its way.
+    logged = _logged_messages(page)[-1]["content"]
+    assert logged.startswith(kept.strip()) and len(logged) < len(LONG)
+    page.reload()
+    expect(last_answer(page).locator(".body")).to_have_text(logged.strip())
+
+
+def _logged_messages(page: Any) -> list[dict[str, str]]:
+    """The open conversation as the log has it, once its last answer is written."""
+    script = """async () => {
+        const id = localStorage.getItem('lanner-conversation');
+        return (await (await fetch('/v1/lanner/conversations/' + id)).json()).messages;
+    }"""
+    for _ in range(100):
+        messages: list[dict[str, str]] = page.evaluate(script)
+        if messages and messages[-1]["role"] == "assistant":
+            return messages
+        page.wait_for_timeout(50)
+    raise AssertionError(f"the stopped answer was not logged: {messages}")
 
 
 def test_hovering_a_token_shows_its_probability_and_alternatives(page: Any) -> None:
