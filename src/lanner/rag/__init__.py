@@ -8,7 +8,8 @@
 Pieces, bottom up: ``loaders`` (files -> page text), ``chunking`` (text ->
 chunks with exact character spans), ``embed`` (sentence-transformers or a
 remote ``/v1/embeddings``), ``store_sqlite`` / ``store_pg`` (the two stores),
-``search`` (vector, keyword, hybrid by reciprocal rank fusion), ``rewrite``
+``terms`` (the keyword index's words, the same on both stores), ``search``
+(vector, keyword, hybrid by reciprocal rank fusion), ``rewrite``
 (follow-up -> standalone query), ``answer`` (prompt and citation checks),
 ``library`` (all of it behind one object). Importing this package never
 imports torch: the embedding model loads on first use.

@@ -116,10 +116,11 @@ def _reindex_all(conn: Any) -> None:
     """Term statistics for chunks stored by schema version 1."""
     collections = [r[0] for r in conn.execute("SELECT id FROM lanner_collections")]
     for cid in collections:
-        rows = conn.execute("SELECT id, text, heading FROM lanner_chunks"
-                            " WHERE collection_id = %s ORDER BY id", (cid,)).fetchall()
-        for start in range(0, len(rows), 1000):
-            batch = rows[start:start + 1000]
+        last = 0
+        while batch := conn.execute(
+                "SELECT id, text, heading FROM lanner_chunks WHERE collection_id = %s"
+                " AND id > %s ORDER BY id LIMIT 1000", (cid, last)).fetchall():
+            last = batch[-1][0]
             terms = chunk_terms([(text, heading) for _, text, heading in batch])
             ids = [r[0] for r in batch]
             term_ids = add_terms(conn, cid, ids, terms)
