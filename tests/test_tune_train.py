@@ -23,10 +23,15 @@ from safetensors.torch import load_file  # noqa: E402
 
 from lanner.cli import main  # noqa: E402
 from lanner.errors import InvalidRequest, LannerError  # noqa: E402
-from lanner.tune.batches import collate  # noqa: E402
+from lanner.tune.batches import Batch, collate, shared_prefix  # noqa: E402
 from lanner.tune.config import LoraConfig, load_config  # noqa: E402
-from lanner.tune.dataset import Example, pack  # noqa: E402
-from lanner.tune.lora import NextTokenLoss, add_lora, load_base  # noqa: E402
+from lanner.tune.dataset import IGNORE, Example, pack  # noqa: E402
+from lanner.tune.lora import (  # noqa: E402
+    NextTokenLoss,
+    add_lora,
+    load_base,
+    shared_prefix_works,
+)
 from lanner.tune.trainer import train  # noqa: E402
 from tunekit import chat_ids, greedy, make_tiny_llama, write_config  # noqa: E402
 
@@ -91,6 +96,51 @@ def test_packed_rows_keep_attention_inside_each_example(llama: Path) -> None:
     assert _loss(model, packed, False) == pytest.approx(alone, rel=1e-5)
     # Padded batches: the pads change nothing either.
     assert _loss(model, examples, True) == pytest.approx(alone, rel=1e-5)
+
+
+def test_a_shared_prompt_is_computed_once_with_the_same_loss_and_gradients(
+        llama: Path) -> None:
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=("q_proj", "v_proj"))
+    model = add_lora(load_base(llama, CPU, qlora=False), lora)
+    model.eval()
+    prompt = list(range(10, 40))  # 30 untrained tokens shared by every row
+    rows = [Example(prompt + tail, [IGNORE] * 31 + tail[1:], f"r{i}")
+            for i, tail in enumerate(([41, 42, 43, 44], [45, 46], [47, 48, 49, 50, 51, 52]))]
+    shared = collate(rows, pad_id=0)
+    assert shared.allowed is not None and shared.input_ids.shape == (1, 30 + 4 + 2 + 6)
+    padded = collate(rows, pad_id=0, share_prefix=False)
+    assert padded.allowed is None and padded.input_ids.shape == (3, 36)
+
+    def loss_and_grads(batch: Batch, direct: bool) -> tuple[float, list[torch.Tensor]]:
+        model.zero_grad()
+        loss = NextTokenLoss(model, direct)(batch.input_ids, batch.position_ids,
+                                            batch.targets, batch.allowed)
+        loss.backward()
+        return float(loss.detach()), [p.grad.clone() for p in model.parameters()
+                                      if p.requires_grad]
+
+    want, want_grads = loss_and_grads(padded, direct=False)
+    for direct in (False, True):
+        got, grads = loss_and_grads(shared, direct)
+        assert got == pytest.approx(want, rel=1e-5)
+        for g, w in zip(grads, want_grads, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+    assert shared_prefix_works(model, CPU)
+
+
+def test_a_short_or_trained_common_start_is_not_shared() -> None:
+    prompt = [5, 6, 7]
+    short = [Example(prompt + list(range(20, 30)), [IGNORE] * 4 + list(range(21, 30)), "a"),
+             Example(prompt + list(range(30, 40)), [IGNORE] * 4 + list(range(31, 40)), "b")]
+    assert shared_prefix(short) == 0  # 3 of ~13 tokens: padding is cheaper
+    trained = [Example(list(range(40)) + [50 + i], list(range(40)) + [50 + i], f"t{i}")
+               for i in range(2)]
+    assert shared_prefix(trained) == 0  # train_on: all, the prompt is trained
+    untrained = [Example(e.input_ids, [IGNORE] * 40 + e.labels[40:], e.source)
+                 for e in trained]
+    assert shared_prefix(untrained) == 39  # the token before each row's first target
+    assert shared_prefix(untrained[:1]) == 0
 
 
 def _loss(model: object, rows: list[Example], direct: bool) -> float:

@@ -1,4 +1,10 @@
-"""Which rows each optimizer step trains on, and rows -> padded tensors.
+"""Which rows each optimizer step trains on, and rows -> tensors.
+
+A micro-batch whose rows begin with the same untrained prompt (a system prompt,
+a schema, instructions) is laid out as one sequence: that prompt once, then
+each row's rest, attending to the prompt and to itself (a 4D mask, positions
+continuing after the prompt). The model computes the prompt once instead of
+once a row; the loss and the gradients are those of the padded rows.
 
 The order is a function of the seed and the step alone (a seeded permutation
 per epoch), so a resumed run, and a run split over several processes, trains
@@ -77,13 +83,71 @@ class Batch:
     input_ids: torch.Tensor  # (B, T)
     position_ids: torch.Tensor  # (B, T)
     targets: torch.Tensor  # (B, T): the next token where it is trained, else IGNORE
+    allowed: torch.Tensor | None = None
+    """(B, 1, T, T) bool, which tokens each attends to; None: causal per row
+    (or per packed example, from the positions)."""
 
     def to(self, device: torch.device) -> Batch:
         return Batch(self.input_ids.to(device), self.position_ids.to(device),
-                     self.targets.to(device))
+                     self.targets.to(device),
+                     None if self.allowed is None else self.allowed.to(device))
 
 
-def collate(rows: list[Example], pad_id: int) -> Batch:
+def collate(rows: list[Example], pad_id: int, *, share_prefix: bool = True) -> Batch:
+    """The rows as tensors: sharing their common untrained prompt where it
+    makes at least half of a row on average (``shared_prefix``), otherwise
+    right-padded to the longest."""
+    prefix = shared_prefix(rows) if share_prefix else 0
+    return collate_shared(rows, prefix) if prefix else _collate_padded(rows, pad_id)
+
+
+def shared_prefix(rows: list[Example]) -> int:
+    """How many leading tokens the rows can share: the same ids in every row,
+    none of them (nor the token after them) trained, and each row longer.
+    0 for one row, for packed rows, or when the prompt is under half of the
+    mean row length (then one long sequence's attention costs more than the
+    prompt saves)."""
+    if len(rows) < 2 or any(row.position_ids is not None for row in rows):
+        return 0
+    first = rows[0].input_ids
+    common = min(len(row.input_ids) for row in rows) - 1
+    for row in rows[1:]:
+        n = 0
+        while n < common and row.input_ids[n] == first[n]:
+            n += 1
+        common = n
+    for row in rows:  # labels[1..L] must be untrained: position t's target is label t + 1
+        trained = next((t for t, label in enumerate(row.labels) if t and label != IGNORE),
+                       len(row.labels))
+        common = min(common, trained - 1)
+    mean = sum(len(row.input_ids) for row in rows) / len(rows)
+    return common if common >= 1 and 2 * common >= mean else 0
+
+
+def collate_shared(rows: list[Example], prefix: int) -> Batch:
+    """One sequence: the rows' first ``prefix`` tokens (the same in each, none
+    trained), then each row's rest (a 4D mask)."""
+    tails = [row.input_ids[prefix:] for row in rows]
+    width = prefix + sum(len(t) for t in tails)
+    allowed = torch.zeros(width, width, dtype=torch.bool)
+    allowed[:prefix, :prefix] = torch.ones(prefix, prefix, dtype=torch.bool).tril()
+    ids, positions = list(rows[0].input_ids[:prefix]), list(range(prefix))
+    targets = [IGNORE] * prefix  # untrained by construction
+    start = prefix
+    for row, tail in zip(rows, tails, strict=True):
+        end = start + len(tail)
+        allowed[start:end, :prefix] = True
+        allowed[start:end, start:end] = torch.ones(end - start, end - start,
+                                                   dtype=torch.bool).tril()
+        ids += tail
+        positions += range(prefix, len(row.input_ids))
+        targets += [*row.labels[prefix + 1 :], IGNORE]
+        start = end
+    return Batch(torch.tensor([ids]), torch.tensor([positions]), torch.tensor([targets]),
+                 allowed[None, None])
+
+
+def _collate_padded(rows: list[Example], pad_id: int) -> Batch:
     """Rows right-padded to the longest. A pad's position continues its row's
     count, so an unpacked batch stays one sequence per row (plain causal
     attention) and a real token never attends to a pad, which comes after it."""

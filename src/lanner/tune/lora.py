@@ -94,17 +94,26 @@ class NextTokenLoss(torch.nn.Module):
         self.direct_head = direct_head
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                targets: torch.Tensor) -> torch.Tensor:
+                targets: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
         trained = targets != IGNORE  # (B, T)
+        mask = None if allowed is None else _additive(allowed, self.model.dtype)
         if self.direct_head:
             base = self.model.get_base_model()
             hidden = base.get_decoder()(input_ids=input_ids, position_ids=position_ids,
-                                        use_cache=False).last_hidden_state  # (B, T, H)
+                                        attention_mask=mask, use_cache=False
+                                        ).last_hidden_state  # (B, T, H)
             logits = base.get_output_embeddings()(hidden[trained])  # (N, V)
         else:
-            out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+            out = self.model(input_ids=input_ids, position_ids=position_ids,
+                             attention_mask=mask, use_cache=False)
             logits = out.logits[trained]  # (N, V)
         return F.cross_entropy(logits.float(), targets[trained], reduction="sum")
+
+
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool "may attend" mask as the additive mask transformers takes in 4D."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min)
 
 
 @torch.no_grad()
@@ -128,3 +137,29 @@ def packing_works(model: Any, device: torch.device) -> bool:
     packed = model(input_ids=ids, position_ids=positions, use_cache=False).logits[0]
     alone = model(input_ids=b[None], use_cache=False).logits[0]
     return bool(torch.allclose(packed[5:].float(), alone.float(), rtol=1e-3, atol=1e-3))
+
+
+@torch.no_grad()
+def shared_prefix_works(model: Any, device: torch.device) -> bool:
+    """Whether two rows laid out as one shared prompt and two tails under a 4D
+    mask (``batches.collate``) get the logits each row gets alone."""
+    from lanner.tune.batches import collate_shared
+    from lanner.tune.dataset import Example
+
+    rows = [Example(ids, [IGNORE] * 4 + ids[4:], "check") for ids in
+            ([1, 2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 9, 8])]
+    batch = collate_shared(rows, 3).to(device)
+    assert batch.allowed is not None
+    mask = _additive(batch.allowed, model.dtype)
+    shared = model(input_ids=batch.input_ids, position_ids=batch.position_ids,
+                   attention_mask=mask, use_cache=False).logits[0]
+    start = 3  # the prefix is 3 tokens; each tail follows
+    for row in rows:
+        tail = len(row.input_ids) - 3
+        alone = model(input_ids=torch.tensor([row.input_ids], device=device),
+                      use_cache=False).logits[0, 3:]
+        if not torch.allclose(shared[start : start + tail].float(), alone.float(),
+                              rtol=1e-3, atol=1e-3):
+            return False
+        start += tail
+    return True

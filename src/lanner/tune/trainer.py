@@ -40,6 +40,7 @@ from lanner.tune.lora import (
     head_matches,
     load_base,
     packing_works,
+    shared_prefix_works,
 )
 
 ADAPTER = "adapter"
@@ -115,6 +116,9 @@ class _Run:
         if self.config.packing and not packing_works(self.model, self.device):
             raise InvalidRequest("packing", f"{self.folder.name}: this architecture does not "
                                  "keep attention inside packed examples; set packing: false")
+        # A batch's common prompt computed once (batches.collate), where the
+        # architecture honours a 4D attention mask.
+        self.share_prefix = shared_prefix_works(self.model, self.device)
         self.loss_fn = NextTokenLoss(self.model, head_matches(self.model, self.device))
         self.model.train()
         # What training calls: under DDP the wrapped loss (gradients averaged).
@@ -198,10 +202,12 @@ class _Run:
         micro = self.plan.micro_batches(step, self.rank)
         total = torch.zeros((), device=self.device)
         for m, chunk in enumerate(micro):
-            batch = collate([self.rows[i] for i in chunk], self.pad_id).to(self.device)
+            batch = collate([self.rows[i] for i in chunk], self.pad_id,
+                            share_prefix=self.share_prefix).to(self.device)
             last = m == len(micro) - 1
             with nullcontext() if last else self.acc.no_sync(self.loss):
-                summed = self.loss(batch.input_ids, batch.position_ids, batch.targets)
+                summed = self.loss(batch.input_ids, batch.position_ids, batch.targets,
+                                   batch.allowed)
                 (summed * scale).backward()
             total += summed.detach()
         lr = self.scheduler.get_last_lr()[0]
@@ -244,9 +250,10 @@ class _Run:
         self.model.eval()
         sums = torch.zeros(2, device=self.device)  # (summed loss, trained tokens)
         for rows in self.evals[self.rank :: self.world]:
-            batch = collate(rows, self.pad_id).to(self.device)
+            batch = collate(rows, self.pad_id, share_prefix=self.share_prefix).to(self.device)
             # The unwrapped loss: processes may run different numbers of batches.
-            sums[0] += self.loss_fn(batch.input_ids, batch.position_ids, batch.targets)
+            sums[0] += self.loss_fn(batch.input_ids, batch.position_ids, batch.targets,
+                                    batch.allowed)
             sums[1] += int((batch.targets != IGNORE).sum())
         self.model.train()
         if self.world > 1:
@@ -295,7 +302,9 @@ class _Run:
 
     def _say(self, text: str) -> None:
         if self.main:
-            print(text, file=sys.stderr, flush=True)
+            from tqdm import tqdm
+
+            tqdm.write(text, file=sys.stderr)  # above the progress bar, if one is shown
 
 
 def _check_same_run(folder: Path, saved: checkpoint.TrainerState,
