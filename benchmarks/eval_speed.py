@@ -14,6 +14,9 @@ as the commands a user types, in separate processes, one after the other:
 lm-eval with its defaults (batch size 1) on the bundled SmolLM2 converted to a
 safetensors folder in fp32; Lanner on the same folder with the transformers
 backend (fp32), then on the GGUF with llama.cpp (F16, the `smollm2` default).
+`--num-fewshot K` puts K solved examples (drawn from 100 other problems by the
+seeded sampler both tools share) before each question, as leaderboards run
+multiple-choice tasks (10-shot HellaSwag, 25-shot ARC).
 """
 
 from __future__ import annotations
@@ -41,8 +44,10 @@ dataset_path: json
 dataset_kwargs:
   data_files:
     test: {data}
+    train: {shots}
 test_split: test
-num_fewshot: 0
+fewshot_split: train
+num_fewshot: {num_fewshot}
 output_type: multiple_choice
 doc_to_text: "{{{{question}}}}"
 doc_to_choice: choices
@@ -63,11 +68,14 @@ def gsm8k_rows() -> list[dict[str, str]]:
     return [json.loads(line) for line in data.read_text().splitlines() if line.strip()]
 
 
-def make_task(folder: Path, n: int, shape: str = "endings") -> Path:
-    return (_endings if shape == "endings" else _numbers)(folder, n)
+def make_task(folder: Path, n: int, shape: str = "endings", num_fewshot: int = 0) -> Path:
+    """The task YAML: ``n`` test items, and 100 more items (other problems) as
+    the split few-shot examples are drawn from."""
+    rows = (_endings if shape == "endings" else _numbers)(n + 100)
+    return _write(folder, rows[:n], rows[n:], num_fewshot)
 
 
-def _endings(folder: Path, n: int) -> Path:
+def _endings(n: int) -> list[dict[str, object]]:
     rng = random.Random(0)
     solutions = []
     for row in gsm8k_rows():
@@ -81,10 +89,10 @@ def _endings(folder: Path, n: int) -> Path:
         rng.shuffle(choices)
         rows.append({"question": question + "\nAnswer: " + "\n".join(steps[:-1]),
                      "choices": choices, "label": choices.index(steps[-1])})
-    return _write(folder, rows)
+    return rows
 
 
-def _numbers(folder: Path, n: int) -> Path:
+def _numbers(n: int) -> list[dict[str, object]]:
     rng = random.Random(0)
     rows = []
     for row in gsm8k_rows()[:n]:
@@ -94,14 +102,16 @@ def _numbers(folder: Path, n: int) -> Path:
         rng.shuffle(choices)
         rows.append({"question": "Question: " + row["question"] + "\nAnswer:",
                      "choices": choices, "label": choices.index(str(answer))})
-    return _write(folder, rows)
+    return rows
 
 
-def _write(folder: Path, rows: list[dict[str, object]]) -> Path:
-    data = folder / "gsm8k_mc.jsonl"
+def _write(folder: Path, rows: list[dict[str, object]], shots: list[dict[str, object]],
+           num_fewshot: int) -> Path:
+    data, pool = folder / "gsm8k_mc.jsonl", folder / "gsm8k_mc_shots.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pool.write_text("".join(json.dumps(r) + "\n" for r in shots))
     task = folder / "gsm8k_mc.yaml"
-    task.write_text(YAML.format(data=data))
+    task.write_text(YAML.format(data=data, shots=pool, num_fewshot=num_fewshot))
     return task
 
 
@@ -151,6 +161,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=500)
     parser.add_argument("--shape", choices=("endings", "numbers"), default="endings")
+    parser.add_argument("--num-fewshot", type=int, default=0,
+                        help="few-shot examples in each prompt (drawn by the tools' shared "
+                        "seeded sampler from 100 other problems), as leaderboards run "
+                        "multiple-choice tasks")
     parser.add_argument("--skip-llama-cpp", action="store_true")
     args = parser.parse_args()
     gguf = bundled_path("smollm2")
@@ -161,8 +175,9 @@ def main() -> None:
         env = {**os.environ, "LANNER_HOME": str(home), "HF_HUB_OFFLINE": "1",
                "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
         folder = converted_folder(gguf, tmp_path / "converted")
-        task = make_task(tmp_path, args.items, args.shape)
-        print(f"task: {args.items} items ({args.shape}), 4 choices each; model: "
+        task = make_task(tmp_path, args.items, args.shape, args.num_fewshot)
+        print(f"task: {args.items} items ({args.shape}), 4 choices each, "
+              f"{args.num_fewshot}-shot; model: "
               f"SmolLM2-135M-Instruct; {os.cpu_count()} CPUs")
         t_ref = timed([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
                        f"pretrained={folder},dtype=float32", "--tasks", "gsm8k_mc",
