@@ -139,10 +139,12 @@ class PgDocumentStore:
         return next((c for c in self.collections() if c.name == name), None)
 
     def collections(self) -> list[Collection]:
+        # chunk_count is kept by every write (counting 100k chunks is a table scan,
+        # and every search asks for its collection).
         sql = """
             SELECT c.name, c.embedder, c.dimensions, c.created_at::text,
                    (SELECT count(*) FROM lanner_documents d WHERE d.collection_id = c.id),
-                   (SELECT count(*) FROM lanner_chunks k WHERE k.collection_id = c.id)
+                   c.chunk_count
             FROM lanner_collections c ORDER BY c.name"""
         with self._tx() as conn:
             return [Collection(*row) for row in conn.execute(sql)]
