@@ -22,7 +22,8 @@ import argparse
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,15 +145,41 @@ def fill(store: DocumentStore, collection: str, n: int, synth: Synthetic,
     store.create_collection(collection, "synthetic", DIMS)
     all_vectors: list[np.ndarray] = []
     samples: list[str] = []
-    for d in range(0, n, per_doc):
-        m = min(per_doc, n - d)
-        chunks = [Chunk(synth.text(int(synth.rng.integers(60, 140))), 0, 1) for _ in range(m)]
-        vectors = synth.vectors(m)
-        store.put_document(collection, DocumentRecord(f"/synthetic/{d}.txt", "x", 1),
-                           chunks, vectors)
-        all_vectors.append(vectors)
-        samples.extend(c.text for c in chunks[:10])
+    with hnsw_built_after(store, collection):
+        for d in range(0, n, per_doc):
+            m = min(per_doc, n - d)
+            chunks = [Chunk(synth.text(int(synth.rng.integers(60, 140))), 0, 1)
+                      for _ in range(m)]
+            vectors = synth.vectors(m)
+            store.put_document(collection, DocumentRecord(f"/synthetic/{d}.txt", "x", 1),
+                               chunks, vectors)
+            all_vectors.append(vectors)
+            samples.extend(c.text for c in chunks[:10])
     return np.concatenate(all_vectors), samples
+
+
+@contextmanager
+def hnsw_built_after(store: DocumentStore, collection: str) -> Iterator[None]:
+    """On PostgreSQL, drop the collection's HNSW index while the block loads
+    chunks and build it again after (pgvector's advice for bulk loads: one
+    insert at a time into the graph took over two hours for 100k vectors on
+    the shared 2-core box). Query latency is measured on the same index."""
+    from lanner.rag.store_pg import PgDocumentStore
+
+    if not isinstance(store, PgDocumentStore):
+        yield
+        return
+    with store._tx() as conn:
+        name, definition = conn.execute(
+            "SELECT indexname, indexdef FROM pg_indexes WHERE indexname = 'lanner_chunks_hnsw_'"
+            " || (SELECT id FROM lanner_collections WHERE name = %s)", (collection,)).fetchone()
+        conn.execute(f"DROP INDEX {name}")
+    yield
+    with store._tx() as conn:
+        conn.execute("SET LOCAL maintenance_work_mem = '1GB'")
+        conn.execute(definition)
+        conn.execute("ANALYZE lanner_chunks")
+        conn.execute("ANALYZE lanner_postings")
 
 
 def question_like(samples: list[str], rng: np.random.Generator) -> str:
