@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -74,6 +75,22 @@ def test_runs_are_stored_and_diffed(lanner_home: Path, capsys: pytest.CaptureFix
     png = lanner_home / "chart.png"
     assert main(["eval", "plot", id_good, id_bad, "-o", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_run_with_an_adapter_keeps_its_path_and_weights_hash(
+        lanner_home: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes(b"weights")
+    run = runner.evaluate(Engine(lanner_home).attach("fake", FakeBackend(_answers)),
+                          load_task(DATA / "gen_tiny.yaml"))
+    with EvalStore(paths.db_path(lanner_home)) as store:
+        run_id = store.save(run, "", adapter=adapter)
+        kept = store.get(run_id).provenance["config"]["adapter"]
+    assert kept == {"path": str(adapter.resolve()),
+                    "sha256": hashlib.sha256(b"weights").hexdigest()}
+    assert main(["eval", "show", run_id]) == 0
+    assert f"adapter: {adapter.resolve()} (sha256 " in capsys.readouterr().out
 
 
 def test_cli_errors_name_the_problem(capsys: pytest.CaptureFixture) -> None:

@@ -96,8 +96,9 @@ def _evaluate(args: argparse.Namespace, model_name: str) -> int:
             result = runner.evaluate(model, task, num_fewshot=args.num_fewshot,
                                      seed=args.fewshot_seed, limit=args.limit, progress=bar,
                                      chat=args.chat_template)
-        run_id = store.save(result, store.model_sha256(model.spec.path)) if store else None
-        out.append(_summary(run_id, result))
+        run_id = store.save(result, store.model_sha256(model.spec.path),
+                            adapter=args.adapter) if store else None
+        out.append(_summary(run_id, result, args.adapter))
     if args.json:
         print(json.dumps(out if len(out) > 1 else out[0], indent=2))
     else:
@@ -106,17 +107,20 @@ def _evaluate(args: argparse.Namespace, model_name: str) -> int:
     return 0
 
 
-def _summary(run_id: str | None, result: Any) -> dict[str, Any]:
+def _summary(run_id: str | None, result: Any, adapter: str | None) -> dict[str, Any]:
     return {
         "run": run_id, "task": result.task.name, "model": result.model.name,
-        "backend": result.model.backend.name, "num_fewshot": result.num_fewshot,
+        "adapter": adapter, "backend": result.model.backend.name,
+        "num_fewshot": result.num_fewshot,
         "items": len(result.items), "duration_s": round(result.duration_s, 2),
         "metrics": {k: {"value": a.value, "stderr": a.stderr} for k, a in result.metrics.items()},
     }
 
 
 def _print_summary(entry: dict[str, Any]) -> None:
-    print(f"{entry['task']}  {entry['model']} ({entry['backend']}), {entry['items']} items, "
+    adapter = f", adapter {entry['adapter']}" if entry["adapter"] else ""
+    print(f"{entry['task']}  {entry['model']} ({entry['backend']}{adapter}), "
+          f"{entry['items']} items, "
           f"{entry['num_fewshot']}-shot, {entry['duration_s']:.1f} s"
           + (f"  run {entry['run'][:12]}" if entry["run"] else ""))
     for key, m in entry["metrics"].items():
@@ -198,6 +202,9 @@ def _show(store: Any, run_id: str, args: argparse.Namespace) -> int:
     for key in ("model_sha256", "backend_version", "task_path", "task_sha256", "fewshot_seed",
                 "item_limit", "chat_format_hash"):
         print(f"  {key}: {r.provenance.get(key)}")
+    adapter = r.provenance["config"].get("adapter")
+    if adapter:
+        print(f"  adapter: {adapter['path']} (sha256 {adapter['sha256']})")
     for key, m in r.metrics.items():
         err = f" ± {m['stderr']:.4f}" if m.get("stderr") is not None else ""
         print(f"  {key:<32} {m['value']:.4f}{err}")

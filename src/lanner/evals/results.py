@@ -4,6 +4,7 @@ output and scores, so two runs can be compared item by item."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 import threading
@@ -65,12 +66,15 @@ class EvalStore(Transactions):
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open {self.path}: {exc}") from exc
 
-    def save(self, run: EvalRun, model_sha256: str) -> str:
-        """Store ``run`` and its items; returns the run id."""
+    def save(self, run: EvalRun, model_sha256: str, adapter: str | Path | None = None) -> str:
+        """Store ``run`` and its items; returns the run id. ``adapter``: the LoRA
+        folder the model ran with, kept with its weights' sha256."""
         run_id = new_conversation_id()
         spec, backend = run.model.spec, run.model.backend
         config = {"task": run.task.config, "num_fewshot": run.num_fewshot, "seed": run.seed,
                   "limit": run.limit, "chat_template": run.chat}
+        if adapter is not None:
+            config["adapter"] = adapter_provenance(Path(adapter))
         metrics = {k: {"value": a.value, "stderr": a.stderr, "n": a.n}
                    for k, a in run.metrics.items()}
         row = (run_id, run.task.name, str(run.task.path), run.task.sha256(), run.model.name,
@@ -130,6 +134,19 @@ class EvalStore(Transactions):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def adapter_provenance(folder: Path) -> dict[str, str]:
+    """A peft adapter folder's path and the sha256 of its weights file."""
+    folder = folder.expanduser().resolve()
+    weights = [folder / name for name in ("adapter_model.safetensors", "adapter_model.bin")
+               if (folder / name).is_file()]
+    digest = hashlib.sha256()
+    if weights:
+        with weights[0].open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return {"path": str(folder), "sha256": digest.hexdigest() if weights else ""}
 
 
 def _run(row: sqlite3.Row) -> RunRecord:
