@@ -149,3 +149,11 @@ def test_a_config_that_is_not_a_mapping_or_not_yaml(folder: Path) -> None:
         load_config(path)
     with pytest.raises(InvalidRequest, match="cannot read"):
         load_config(folder / "absent.yaml")
+
+
+def test_the_text_to_sql_example_config_reads() -> None:
+    example = Path(__file__).parents[1] / "examples" / "text-to-sql" / "tune.yaml"
+    config = load_config(example)
+    assert config.base_model == "smollm2" and config.data.format == "sql"
+    assert all(p.is_file() for p in (*config.data.train, config.data.schema))
+    assert config.output_dir == example.parent / "tune-output"
