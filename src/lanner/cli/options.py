@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 from lanner import paths
-from lanner.engine import constrain
 from lanner.engine.engine import Engine
 from lanner.engine.model import Model
 from lanner.engine.registry import DEFAULT_MODEL
@@ -79,6 +78,8 @@ def schema_constraint(value: str) -> Constraint:
         if not path.is_file():
             raise InvalidRequest("--schema", f"no such file: {value} (or give inline JSON)")
         text = path.read_text()
+    from lanner.engine import constrain  # numpy and the grammar library: only with --schema
+
     constraint = constrain.json_schema(text, field="--schema")
     constrain.check(constraint)
     return constraint
