@@ -39,7 +39,8 @@ def assert_clean_error(result: subprocess.CompletedProcess[str], *words: str) ->
 def test_help_is_fast_and_imports_no_backend() -> None:
     code = ("import sys, time; t=time.perf_counter(); import lanner, lanner.cli; "
             "lanner.cli.build_parser(); print(time.perf_counter()-t); "
-            "print([m for m in ('torch','transformers','llama_cpp') if m in sys.modules])")
+            "print([m for m in ('torch','transformers','llama_cpp','llguidance',"
+            "'lanner.engine.constrain') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.split("\n")
     assert float(out[0]) < 1.0
