@@ -12,15 +12,15 @@ from typing import Any
 import pytest
 
 from lanner.backends.base import ModelMetadata
-from lanner.chat.formats import (
+from lanner.chat.metadata import read_metadata
+from lanner.cli import chat_format as cli_verb
+from lanner.engine.chatformat import (
     BUILTIN,
     ChatFormat,
     builtin_format,
     resolve_chat_format,
     validate_messages,
 )
-from lanner.chat.metadata import read_metadata
-from lanner.cli import chat_format as cli_verb
 from lanner.errors import ChatFormatError, InvalidRequest
 
 SYSTEM = {"role": "system", "content": "You are terse."}

@@ -19,7 +19,7 @@ import openai
 import pytest
 
 from lanner.backends.fake import FakeBackend
-from lanner.chat.formats import resolve_chat_format
+from lanner.engine.chatformat import resolve_chat_format
 from lanner.engine.engine import Engine
 from lanner.engine.model import Model
 from lanner.engine.registry import ModelSpec

@@ -10,7 +10,6 @@ from types import ModuleType
 import pytest
 
 from lanner.backends.base import ModelMetadata
-from lanner.chat.formats import builtin_format, resolve_chat_format
 from lanner.chat.metadata import read_metadata
 from lanner.chat.toolcalls import (
     ContentDelta,
@@ -23,6 +22,7 @@ from lanner.chat.toolcalls import (
     syntax_for,
     syntax_named,
 )
+from lanner.engine.chatformat import builtin_format, resolve_chat_format
 from lanner.engine.types import Finish, TextDelta, Timings, Usage
 from lanner.errors import InvalidRequest
 

@@ -96,7 +96,7 @@ def train_adapter(folder: Path, base_model: Path | str, **overrides: Any) -> Pat
 
 def chat_ids(backend: Any, question: str) -> list[int]:
     """The prompt ids ``lanner chat`` sends for one user message."""
-    from lanner.chat.formats import resolve_chat_format
+    from lanner.engine.chatformat import resolve_chat_format
 
     text = resolve_chat_format(backend.metadata).render(
         [{"role": "user", "content": question}], add_generation_prompt=True)

@@ -1,1 +1,1 @@
-"""Chat: prompt formats and conversations."""
+"""Chat: conversations, tool-call syntax and strategies (the ChatFormat is engine.chatformat)."""

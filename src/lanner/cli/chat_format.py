@@ -35,8 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     # Imported here so that `lanner --help` does not pay for Jinja.
     from lanner import paths
-    from lanner.chat.formats import resolve_chat_format, validate_messages
     from lanner.chat.metadata import read_metadata
+    from lanner.engine.chatformat import resolve_chat_format, validate_messages
     from lanner.engine.registry import resolve
 
     spec = resolve(args.model, paths.home(getattr(args, "home", None)))

@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from lanner.backends.base import Backend
-from lanner.chat.formats import ChatFormat, resolve_chat_format, validate_messages
+from lanner.engine.chatformat import ChatFormat, resolve_chat_format, validate_messages
 from lanner.engine.registry import ModelSpec
 from lanner.engine.types import Event, Request, collect
 from lanner.errors import ContextLengthExceeded, InvalidRequest

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from lanner.backends.base import ModelMetadata
-from lanner.chat.formats import ChatFormat, resolve_chat_format
+from lanner.engine.chatformat import ChatFormat, resolve_chat_format
 from lanner.engine.registry import resolve
 from lanner.errors import BackendUnavailable, ModelLoadError, NotSupported
 

@@ -21,7 +21,7 @@ import random
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from lanner.chat.formats import ChatFormat
+from lanner.engine.chatformat import ChatFormat
 from lanner.errors import ChatFormatError, InvalidRequest
 from lanner.tune.rows import (
     BadRow,

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lanner.chat.formats import validate_messages
 from lanner.chat.prompts import render_prompt
+from lanner.engine.chatformat import validate_messages
 from lanner.errors import DataError, InvalidRequest
 
 Messages = list[dict[str, Any]]

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from lanner.chat.formats import ChatFormat, validate_messages
 from lanner.chat.toolcalls import hermes, lanner_default, llama3, mistral
 from lanner.chat.toolcalls.base import (
     ContentDelta,
@@ -36,6 +35,7 @@ from lanner.chat.toolcalls.base import (
     ToolCallDelta,
     new_call_id,
 )
+from lanner.engine.chatformat import ChatFormat, validate_messages
 from lanner.engine.types import Event, Finish, TextDelta
 from lanner.errors import InvalidRequest
 

@@ -134,8 +134,8 @@ def builtin_format(name: str, metadata: ModelMetadata | None = None) -> ChatForm
     if data is None:
         raise ChatFormatError(f"unknown chat format {name!r} (known: {', '.join(BUILTIN)}; "
                               "or a path to a .jinja file)")
-    template = resources.files("lanner.chat").joinpath(f"templates/{name}.jinja").read_text(
-        encoding="utf-8")
+    template = resources.files("lanner.engine").joinpath(
+        f"chat_templates/{name}.jinja").read_text(encoding="utf-8")
     extra: tuple[tuple[str, str], ...] = ()
     bos, eos = data.bos_token, data.eos_token
     if metadata is not None:
