@@ -154,3 +154,13 @@ class WontFit(LannerError):
     exit_code = 3
     http_status = 507
     error_type = "server_error"
+
+
+class RemoteError(LannerError):
+    """A remote engine (an OpenAI-compatible server registered with ``lanner
+    remote add``) failed: unreachable, an answer it should not give, or a
+    stream that broke off. The message names the remote and what happened."""
+
+    http_status = 502
+    error_type = "server_error"
+    code = "remote_error"
