@@ -14,7 +14,7 @@ from lanner.errors import LannerError
 VERBS = (
     "run", "chat", "models", "chat_format", "logs", "serve",
     "ingest", "ask", "collections", "forget", "pull", "add", "rm", "do", "eval",
-    "compare", "arena", "tune", "merge", "fit", "info",
+    "compare", "arena", "tune", "merge", "fit", "info", "remote",
 )
 
 

@@ -22,15 +22,17 @@ BACKENDS: dict[str, str] = {
     "llama.cpp": "lanner.backends.llamacpp:LlamaCppBackend",
     "transformers": "lanner.backends.transformers:TransformersBackend",
     "fake": "lanner.backends.fake:FakeBackend",
+    "remote": "lanner.backends.remote:RemoteBackend",
 }
-_FORMATS = {"llama.cpp": {"gguf"}, "transformers": {"gguf", "safetensors"}}
+_FORMATS = {"llama.cpp": {"gguf"}, "transformers": {"gguf", "safetensors"},
+            "remote": {"remote"}}
 
 
 def open_backend(spec: ModelSpec, backend: str | None = None, **options: Any) -> Backend:
     """Instantiate the backend for a model; heavy imports happen here."""
     name = backend or spec.backend
     if name not in BACKENDS or name == "fake":
-        known = "llama.cpp, transformers"
+        known = "llama.cpp, transformers, remote"
         raise InvalidRequest("backend", f"unknown backend {name!r} (one of: {known})")
     if spec.format not in _FORMATS[name]:
         raise InvalidRequest("backend", f"{name} cannot open a {spec.format} model")
@@ -48,7 +50,23 @@ def open_backend(spec: ModelSpec, backend: str | None = None, **options: Any) ->
     kwargs = {k: v for k, v in options.items() if v is not None}
     if name != "llama.cpp" and kwargs.get("kv") == "auto":
         del kwargs["kv"]  # the default KV layout choice; other backends have no such choice
+    if name == "remote":
+        return _open_remote(cls, spec, kwargs)
     result: Backend = cls(spec.path, **kwargs)
+    return result
+
+
+def _open_remote(cls: Any, spec: ModelSpec, options: dict[str, Any]) -> Backend:
+    """A remote engine takes no local-weights options; ``n_ctx`` sets its window."""
+    local = sorted(set(options) - {"n_ctx"})
+    if local:
+        raise InvalidRequest(local[0], f"{spec.name} is a remote engine; options for local "
+                             "weights do not apply to it")
+    assert spec.remote is not None  # resolve() sets it for every "remote" spec
+    from lanner.backends.remote import RemoteConfig
+
+    config = RemoteConfig.from_entry(spec.name, spec.remote)
+    result: Backend = cls(config, Path(str(spec.remote["home"])), **options)
     return result
 
 
@@ -84,6 +102,9 @@ class Engine:
         if backend is None and backend_options.get("adapter") is not None:
             backend = "transformers"
         spec = prepare(resolve(name, self.home), backend, self.home)
+        if (backend or spec.backend) == "transformers" and spec.format == "gguf":
+            # Conversions belong to this engine's home, not LANNER_HOME's.
+            backend_options.setdefault("cache_dir", self.home / "converted")
         options = tuple(sorted(backend_options.items()))
         key = (spec.path, backend or spec.backend, chat_format, options)
         if key not in self._models:

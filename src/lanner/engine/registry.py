@@ -12,8 +12,9 @@ import json
 import os
 import tempfile
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from lanner.errors import LannerError, ModelNotFound
 
@@ -23,17 +24,20 @@ class ModelSpec:
     name: str
     path: Path
     format: str
-    """"gguf" or "safetensors"."""
+    """"gguf", "safetensors" or "remote" (an OpenAI-compatible server)."""
     license: str = "unknown"
     source: str = "local path"
     weights: str | None = None
     """For llama.cpp: re-encode the GGUF's weights to this type first ("f16", "q8_0");
     None runs the file as it is (see backends/gguf_reencode.py for why)."""
+    remote: dict[str, object] | None = field(default=None, compare=False)
+    """For a remote engine: its models.json entry (URL, server model id, key
+    variable) and the home it was read from; ``path`` is then ``remote:NAME``."""
 
     @property
     def backend(self) -> str:
         """Default backend for this format."""
-        return "llama.cpp" if self.format == "gguf" else "transformers"
+        return {"gguf": "llama.cpp", "remote": "remote"}.get(self.format, "transformers")
 
     @property
     def size_bytes(self) -> int:
@@ -187,7 +191,7 @@ def _write_entries(home: Path, entries: dict[str, dict[str, str]]) -> None:
         raise
 
 
-def spec_for_path(path: Path, name: str | None = None, **extra: str) -> ModelSpec:
+def spec_for_path(path: Path, name: str | None = None, **extra: Any) -> ModelSpec:
     """A ModelSpec for a local file or folder; raises ModelNotFound if unusable."""
     path = path.expanduser()
     if not path.exists():
@@ -218,6 +222,10 @@ def resolve(name: str, home: Path) -> ModelSpec:
     entries = _home_entries(home)
     if name in entries:
         e = entries[name]
+        if e.get("format") == "remote":  # `lanner remote add`: a server, not a file
+            return ModelSpec(name, Path(f"remote:{name}"), "remote",
+                             license=e.get("license", "unknown"), source=e.get("source", "remote"),
+                             remote={**e, "home": str(home)})
         return spec_for_path(Path(e["path"]), name, license=e.get("license", "unknown"),
                              source=e.get("source", "registry"))
     looks_like_path = "/" in name or name.endswith(".gguf") or Path(name).exists()
