@@ -226,8 +226,8 @@ def _check(where: str, raw: dict[str, Any]) -> None:
         problems.append(f"openness must give each of {', '.join(OPENNESS_PARTS)} as "
                         f"{'/'.join(OPENNESS_LEVELS)}")
     fmt = raw.get("chat_format")
-    if fmt is not None and not resources.files("lanner.chat").joinpath(
-            f"templates/{fmt}.jinja").is_file():
+    if fmt is not None and not resources.files("lanner.engine").joinpath(
+            f"chat_templates/{fmt}.jinja").is_file():
         problems.append(f"chat_format {fmt!r} is not a built-in format")
     if not raw["sources"]:
         problems.append("sources must not be empty")
