@@ -15,6 +15,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, cast
 
+from lanner.backends import rope
 from lanner.backends.base import ModelMetadata
 from lanner.engine.constrain import Matcher
 from lanner.engine.types import Event, Finish, Request, Token
@@ -109,6 +110,8 @@ class LlamaCppBackend:
     "auto" (split when ``n_seq_max * n_ctx`` cells fit ``kv_budget_mib``; the
     chosen layout is ``kv_layout``). Metrics: ``queue_depth``, ``active_sequences``,
     ``max_batch_seqs``, ``decode_calls``, ``reused_tokens`` (or ``stats()``).
+    ``rope_scaling`` "linear" | "yarn" with ``rope_factor`` stretches the
+    trained context (see ``rope``); the default window grows by the factor.
     """
 
     name = "llama.cpp"
@@ -121,6 +124,8 @@ class LlamaCppBackend:
         n_ctx: int | None = None,
         n_threads: int | None = None,
         n_seq_max: int = 16,
+        rope_scaling: str | None = None,
+        rope_factor: float | None = None,
         **kwargs: Any,
     ) -> None:
         _positive("n_ctx", n_ctx)
@@ -138,7 +143,11 @@ class LlamaCppBackend:
         try:
             self._vocab = Vocab(self._model)
             n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(self._model))
-            window = n_ctx or min(n_ctx_train, DEFAULT_MAX_CTX)
+            self.rope_scaling = rope.resolve(rope_scaling, rope_factor, n_ctx, n_ctx_train)
+            if self.rope_scaling is not None:
+                arch = meta_str(self._model, "general.architecture")
+                rope.check_unscaled(meta_str(self._model, f"{arch}.rope.scaling.type"))
+            window = n_ctx or rope.default_window(n_ctx_train, DEFAULT_MAX_CTX, self.rope_scaling)
             split = opts["kv"] == "split"
             if opts["kv"] == "auto":
                 budget = opts["kv_budget_mib"] << 20 or default_kv_budget()
@@ -152,6 +161,7 @@ class LlamaCppBackend:
                 n_threads=n_threads or os.cpu_count() or 1,
                 flash_attn=opts["flash_attn"],
                 split_kv=split,
+                rope=self.rope_scaling,
             )
             self._ctx = create_context(self._model, cfg, self.path)
             # The longest sequence (llama.cpp may round the window up).

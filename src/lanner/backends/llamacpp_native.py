@@ -19,6 +19,7 @@ from typing import Any
 
 import llama_cpp
 
+from lanner.backends.rope import RopeScaling, set_llama_params
 from lanner.errors import ModelLoadError, ModelNotFound
 
 _GGML_LOG_LEVEL_ERROR = 4
@@ -105,6 +106,8 @@ class ContextConfig:
     split_kv: bool = False
     """Each sequence gets its own ``n_ctx`` cells (``n_seq_max * n_ctx`` in all)
     instead of all of them sharing ``n_ctx``."""
+    rope: RopeScaling | None = None
+    """RoPE scaling asked for (None: the model's own)."""
 
 
 def create_context(model: Any, cfg: ContextConfig, path: Path) -> Any:
@@ -125,6 +128,8 @@ def create_context(model: Any, cfg: ContextConfig, path: Path) -> Any:
     params.n_threads = cfg.n_threads
     params.n_threads_batch = cfg.n_threads
     params.kv_unified = not cfg.split_kv
+    if cfg.rope is not None:
+        set_llama_params(params, cfg.rope)
     # Flash attention (the default, see LlamaCppBackend) skips other sequences'
     # masked cells instead of summing their zeros, so a sequence's numbers do not
     # depend on where its cells lie in a unified cache: batched == alone.

@@ -21,7 +21,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from lanner.backends import hf_sampling
+from lanner.backends import hf_sampling, rope
 from lanner.backends.base import ModelMetadata
 from lanner.backends.gguf_convert import converted_folder, read_manifest
 from lanner.backends.hf_adapters import Adapters, chat_template
@@ -58,6 +58,8 @@ class TransformersBackend:
     ``add_adapter`` gives more adapters on the same weights.
     Raises ``ModelNotFound`` for a missing path, ``ModelLoadError`` for one that
     cannot be loaded, ``InvalidRequest`` for a bad dtype/device/n_ctx.
+    ``rope_scaling`` "linear" | "yarn" with ``rope_factor`` stretches the
+    trained context (see ``rope``); the default window grows by the factor.
     """
 
     name = "transformers"
@@ -72,16 +74,23 @@ class TransformersBackend:
         n_ctx: int | None = None,
         cache_dir: Path | None = None,
         adapter: str | Path | None = None,
+        rope_scaling: str | None = None,
+        rope_factor: float | None = None,
     ) -> None:
         path = Path(path).expanduser()
         self.device = _resolve_device(device)
         self.dtype = _resolve_dtype(dtype, self.device)
         _check_n_ctx(n_ctx)
         self.folder = _model_folder(path, cache_dir)
-        self.model, self.tokenizer = _load(self.folder, self.dtype, self.device)
+        scaled = rope.hf_config(self.folder, rope_scaling, rope_factor, n_ctx)
+        self.rope_scaling = scaled[1] if scaled else None
+        self.model, self.tokenizer = _load(self.folder, self.dtype, self.device,
+                                           scaled[0] if scaled else None)
         config = self.model.config.get_text_config()
-        n_ctx_train = _trained_context(config)
-        self.n_ctx = n_ctx if n_ctx is not None else min(n_ctx_train, _MAX_DEFAULT_CTX)
+        n_ctx_train = (self.rope_scaling.original_context if self.rope_scaling
+                       else _trained_context(config))
+        self.n_ctx = n_ctx if n_ctx is not None else rope.default_window(
+            n_ctx_train, _MAX_DEFAULT_CTX, self.rope_scaling)
         self.metadata = self._metadata(config.model_type, n_ctx_train)
         self._adapters = Adapters(self.model)
         self._adapter: str | None = None
@@ -526,11 +535,14 @@ def _model_folder(path: Path, cache_dir: Path | None) -> Path:
     return converted_folder(path, cache_dir)
 
 
-def _load(folder: Path, dtype: torch.dtype, device: torch.device) -> tuple[Any, Any]:
+def _load(folder: Path, dtype: torch.dtype, device: torch.device,
+          config: Any = None) -> tuple[Any, Any]:
+    """Tokenizer and model; ``config`` replaces the folder's (RoPE scaling)."""
+    extra = {} if config is None else {"config": config}
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=dtype, device_map=str(device), local_files_only=True
+            folder, dtype=dtype, device_map=str(device), local_files_only=True, **extra
         )
     # Loaders raise many exception types on folders they cannot read (OSError for
     # missing files, ValueError for unknown architectures, KeyError...).
