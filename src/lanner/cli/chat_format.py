@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from lanner.engine.registry import resolve
 
     spec = resolve(args.model, paths.home(getattr(args, "home", None)))
-    fmt = resolve_chat_format(read_metadata(spec), args.chat_format)
+    fmt = resolve_chat_format(read_metadata(spec), args.chat_format, spec.chat_format)
     messages = validate_messages(sample_messages(args.system))
     prompt = fmt.render(messages, add_generation_prompt=True)
     if args.json:

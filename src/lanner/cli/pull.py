@@ -25,12 +25,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lanner.catalog.entries import find
     from lanner.catalog.licensing import warn_for_repo
     from lanner.engine import hub  # keeps `lanner --help` free of the Hub code
 
     home = paths.home(args.home)
+    entry = find(args.repo_id)  # its chat format, for a checkpoint without a template
     spec = hub.pull(home, args.repo_id, file=args.file, revision=args.revision, name=args.name,
-                    on_listing=lambda listing: warn_for_repo(home, args.repo_id, listing.license))
+                    on_listing=lambda listing: warn_for_repo(home, args.repo_id, listing.license),
+                    chat_format=entry.chat_format if entry else None)
     print(f"{spec.name}: {spec.path} ({spec.format}, {_size(spec.size_bytes)}, "
           f"licence {spec.license})")
     print(f'run it with: lanner run {spec.name} "Hello"')

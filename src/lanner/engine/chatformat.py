@@ -144,17 +144,22 @@ def builtin_format(name: str, metadata: ModelMetadata | None = None) -> ChatForm
     return ChatFormat(f"builtin:{name}", template, bos, eos, stop, extra)
 
 
-def resolve_chat_format(metadata: ModelMetadata, override: str | None = None) -> ChatFormat:
+def resolve_chat_format(metadata: ModelMetadata, override: str | None = None,
+                        fallback: str | None = None) -> ChatFormat:
     """The format to use for a model.
 
     ``override`` (a built-in name or a path to a .jinja file) wins; else the
-    model's own ``chat_template``; else ChatFormatError telling the user to pass
-    --chat-format. The template is compiled here, so a broken one fails early.
+    model's own ``chat_template``; else ``fallback`` (the format its registry
+    entry names for a template-less checkpoint, from the catalog at pull time);
+    else ChatFormatError telling the user to pass --chat-format. The template
+    is compiled here, so a broken one fails early.
     """
     if override:
         fmt = _override_format(metadata, override)
     elif metadata.chat_template:
         fmt = _model_format(metadata, "model", metadata.chat_template)
+    elif fallback:
+        fmt = _override_format(metadata, fallback)
     else:
         model = metadata.extra.get("name") or metadata.architecture
         raise ChatFormatError(

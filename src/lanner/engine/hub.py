@@ -93,7 +93,8 @@ def local_dir(home: Path, repo_id: str) -> Path:
 
 def pull(home: Path, repo_id: str, *, file: str | None = None, revision: str | None = None,
          name: str | None = None,
-         on_listing: Callable[[RepoListing], object] | None = None) -> ModelSpec:
+         on_listing: Callable[[RepoListing], object] | None = None,
+         chat_format: str | None = None) -> ModelSpec:
     """Download a model from the Hub, verify it and register it under a short name.
 
     Raises ``LannerError`` (one line, no traceback) when the Hub cannot be
@@ -101,6 +102,8 @@ def pull(home: Path, repo_id: str, *, file: str | None = None, revision: str | N
     GGUF files and ``file`` is not given, or a download does not match the
     Hub's size or hash. models.json is only written after a verified download.
     ``on_listing`` sees the repo's files and licence before anything is downloaded.
+    ``chat_format`` is recorded for a checkpoint that ships no template (the
+    catalog's format for the repo; the caller looks it up).
     """
     _check_repo_id(repo_id)
     registered(home)  # a damaged models.json fails now, not after the download
@@ -126,6 +129,7 @@ def pull(home: Path, repo_id: str, *, file: str | None = None, revision: str | N
         "path": str(spec.path), "license": listing.license,
         "source": f"{endpoint()}/{repo_id}", "repo": repo_id,
         "revision": revision or "main", "commit": listing.commit,
+        **({"chat_format": chat_format} if chat_format else {}),
     }, replace=True)
     return ModelSpec(short, spec.path, spec.format, listing.license, f"{endpoint()}/{repo_id}")
 

@@ -50,7 +50,7 @@ class Model:
         """Resolved on first use, so a model with no template can still run raw prompts."""
         if self._chat_format is None:
             self._chat_format = resolve_chat_format(
-                self.backend.metadata, self._chat_format_override
+                self.backend.metadata, self._chat_format_override, self.spec.chat_format
             )
         return self._chat_format
 

@@ -30,6 +30,9 @@ class ModelSpec:
     weights: str | None = None
     """For llama.cpp: re-encode the GGUF's weights to this type first ("f16", "q8_0");
     None runs the file as it is (see backends/gguf_reencode.py for why)."""
+    chat_format: str | None = None
+    """For a checkpoint that ships no chat template: the format to use (a
+    built-in name), as its registry entry records it (the catalog's, at pull)."""
     remote: dict[str, object] | None = field(default=None, compare=False)
     """For a remote engine: its models.json entry (URL, server model id, key
     variable) and the home it was read from; ``path`` is then ``remote:NAME``."""
@@ -227,7 +230,8 @@ def resolve(name: str, home: Path) -> ModelSpec:
                              license=e.get("license", "unknown"), source=e.get("source", "remote"),
                              remote={**e, "home": str(home)})
         return spec_for_path(Path(e["path"]), name, license=e.get("license", "unknown"),
-                             source=e.get("source", "registry"))
+                             source=e.get("source", "registry"),
+                             chat_format=e.get("chat_format") or None)
     looks_like_path = "/" in name or name.endswith(".gguf") or Path(name).exists()
     if looks_like_path:
         return spec_for_path(Path(name))
