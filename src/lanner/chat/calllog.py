@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from lanner.backends import rope
 from lanner.engine.model import Model
 from lanner.engine.types import Event, Finish, Request, TextDelta, Timings, Usage
 from lanner.store import Store, Turn
@@ -131,7 +132,8 @@ class CallLog:
             seed=request.seed, prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens, finish_reason=reason,
             ttft_s=timings.ttft_s, total_s=timings.total_s,
-            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            model_settings=rope.settings(backend))
 
 
 def _last_text(messages: list[dict[str, Any]]) -> str:

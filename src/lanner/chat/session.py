@@ -7,6 +7,7 @@ from collections.abc import Generator
 from datetime import datetime, timezone
 from typing import Any
 
+from lanner.backends import rope
 from lanner.engine.model import Model
 from lanner.engine.types import Event, Finish, Request, TextDelta
 from lanner.store import Store, Turn
@@ -117,6 +118,7 @@ class ChatSession:
             ttft_s=finish.timings.ttft_s if finish else ttft,
             total_s=finish.timings.total_s if finish else total,
             created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            model_settings=rope.settings(backend),
         ))
 
     def _start(self) -> list[dict[str, Any]]:

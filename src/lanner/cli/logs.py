@@ -72,7 +72,7 @@ def format_turn(turn: Turn) -> str:
     lines = [
         f"# {turn.created_at}  turn {turn.id}  conversation {turn.conversation_id}",
         f"model     {turn.model}  sha256 {turn.model_sha256[:_SHORT_HASH]}  {turn.model_path}",
-        f"backend   {turn.backend} {turn.backend_version}",
+        f"backend   {turn.backend} {turn.backend_version}{format_settings(turn)}",
         f"format    {turn.chat_format}  template sha256 {turn.chat_format_hash[:_SHORT_HASH]}",
         f"sampling  {format_sampling(turn.sampling, turn.seed)}",
         f"usage     {format_usage(turn)}",
@@ -83,6 +83,16 @@ def format_turn(turn: Turn) -> str:
         lines += ["", "## System", turn.system]
     lines += ["", "## Prompt", turn.prompt, "", "## Response", turn.response]
     return "\n".join(lines)
+
+
+def format_settings(turn: Turn) -> str:
+    """``  n_ctx 16384, rope yarn x2.0 of 8192`` (empty for turns logged before 5)."""
+    s = turn.model_settings
+    text = f"  n_ctx {s['n_ctx']}" if s.get("n_ctx") else ""
+    rope = s.get("rope_scaling")
+    if isinstance(rope, dict):
+        text += f", rope {rope['type']} x{rope['factor']} of {rope['original_context']}"
+    return text
 
 
 def format_sampling(sampling: dict[str, object], seed: int | None) -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lanner import paths
+from lanner.backends import rope
 from lanner.engine.model import Model
 from lanner.engine.types import Completion, Event, Finish, Request, TextDelta
 from lanner.server.serving import ServerState
@@ -81,7 +82,8 @@ class TurnRecorder:
             finish_reason=finish.reason if finish else "cancelled",
             ttft_s=finish.timings.ttft_s if finish else self._ttft,
             total_s=finish.timings.total_s if finish else total,
-            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            model_settings=rope.settings(backend))
 
 
 def _write(home: Path, turn: Turn) -> None:

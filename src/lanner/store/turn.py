@@ -65,10 +65,13 @@ class Turn:
     parent_id: int | None = None
     """For a strategy's intermediate call: the user-facing turn it was made for.
     Turns with a parent are kept out of ``Store.conversation_messages``."""
+    model_settings: dict[str, object] = field(default_factory=dict)
+    """How the model was loaded where it changes the numbers: ``n_ctx`` and
+    ``rope_scaling`` (see ``lanner.backends.rope.settings``)."""
 
 
 # Column order of ``responses`` minus ``id``; JSON columns carry a ``_json`` suffix.
-_JSON_FIELDS = ("messages", "sampling")
+_JSON_FIELDS = ("messages", "sampling", "model_settings")
 COLUMNS: tuple[str, ...] = tuple(
     f"{f.name}_json" if f.name in _JSON_FIELDS else f.name
     for f in fields(Turn)
