@@ -1,7 +1,8 @@
 """GGUF -> safetensors, once: transformers dequantises a GGUF file to float32;
 the result is saved as a Hugging Face folder in a cache so the next open is fast.
 
-Cache layout (``root`` defaults to ``<Lanner home>/converted``)::
+Cache layout (``root`` defaults to ``<Lanner home>/converted``; the engine
+passes its own home's; see ``conversion_cache`` for the key and pruning)::
 
     <root>/<sha256 of the .gguf, first 16 hex>/
         config.json, generation_config.json, model.safetensors,
@@ -15,27 +16,20 @@ into place, so a crash never leaves a half-written cache entry.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
+from lanner.backends.conversion_cache import KEY_HEX, MANIFEST, prune, source_sha256
 from lanner.errors import BackendUnavailable, ModelLoadError
-
-MANIFEST = "lanner-conversion.json"
-_CHUNK = 1 << 20
-_KEY_HEX = 16
+from lanner.store.hashing import sha256_of_file
 
 
 def gguf_sha256(path: Path) -> str:
     """Hex sha256 of the file's bytes."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return sha256_of_file(path)
 
 
 def default_cache_root() -> Path:
@@ -48,23 +42,26 @@ def default_cache_root() -> Path:
 def converted_folder(gguf_path: Path, cache_root: Path | None = None) -> Path:
     """The safetensors folder for ``gguf_path``, converting it the first time.
 
-    ``cache_root`` holds one sub-folder per GGUF content hash, so renaming or
-    copying a GGUF reuses its conversion. Raises ``ModelLoadError`` if the file
-    cannot be converted, ``BackendUnavailable`` if the ``gguf`` package is missing.
+    ``cache_root`` holds one sub-folder per GGUF content hash, so renaming,
+    copying or reinstalling a GGUF reuses its conversion; a new conversion
+    removes the entries no source uses any more. Raises ``ModelLoadError`` if the
+    file cannot be converted, ``BackendUnavailable`` if the ``gguf`` package is
+    missing.
     """
-    sha = gguf_sha256(gguf_path)
     root = cache_root if cache_root is not None else default_cache_root()
-    final = root / sha[:_KEY_HEX]
+    sha = source_sha256(gguf_path, root)
+    final = root / sha[:KEY_HEX]
     if (final / MANIFEST).is_file():
         return final
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{sha[:_KEY_HEX]}.", suffix=".partial", dir=root))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{sha[:KEY_HEX]}.", suffix=".partial", dir=root))
     try:
         _convert(gguf_path, tmp)
         _write_manifest(tmp, gguf_path, sha)
         _publish(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    prune(root)
     return final
 
 

@@ -12,10 +12,10 @@ docs/benchmarks.md (perplexity and speed of both).
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
 from pathlib import Path
 
+from lanner.backends.conversion_cache import KEY_HEX, prune, source_sha256
 from lanner.errors import InvalidRequest, ModelLoadError
 
 FTYPES = ("f16", "q8_0")
@@ -24,8 +24,10 @@ FTYPES = ("f16", "q8_0")
 def reencoded(path: Path, ftype: str, cache_root: Path) -> Path:
     """The GGUF at ``path`` with its weights in ``ftype``, cached under ``cache_root``.
 
-    The cache key is the file's path, size and mtime, so an updated source file
-    is re-encoded again; writing goes through a temp file and a rename.
+    The cache key is the source's content (``conversion_cache``): a reinstalled
+    file with the same bytes reuses its re-encoding, an updated one is
+    re-encoded, and a new re-encoding removes the entries no source uses any
+    more. Writing goes through a temp file and a rename.
     """
     import llama_cpp
 
@@ -33,9 +35,8 @@ def reencoded(path: Path, ftype: str, cache_root: Path) -> Path:
 
     if ftype not in FTYPES:
         raise InvalidRequest("weights", f"unknown type {ftype!r} (one of: {', '.join(FTYPES)})")
-    stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
-    dest = cache_root / f"{path.stem}.{key.hexdigest()[:12]}.{ftype}.gguf"
+    sha = source_sha256(path, cache_root)
+    dest = cache_root / f"{sha[:KEY_HEX]}.{ftype}.gguf"
     if dest.exists():
         return dest
     init_llama()  # silences llama.cpp's per-tensor progress lines
@@ -52,4 +53,5 @@ def reencoded(path: Path, ftype: str, cache_root: Path) -> Path:
         tmp.unlink(missing_ok=True)
         raise ModelLoadError(f"cannot re-encode {path} as {ftype} (llama.cpp error {rc})")
     tmp.replace(dest)
+    prune(cache_root)
     return dest
