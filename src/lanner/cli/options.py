@@ -26,6 +26,11 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--chat-format", help="built-in format name or a .jinja file, "
                    "for models that ship no chat template")
     g.add_argument("--n-ctx", type=int, help="context window in tokens (per request)")
+    g.add_argument("--rope-scaling", choices=("linear", "yarn"),
+                   help="stretch the model's trained context with RoPE scaling (both backends)")
+    g.add_argument("--rope-factor", type=float, metavar="F",
+                   help="with --rope-scaling: how many times the trained context (default: "
+                   "--n-ctx / trained context); the default window grows by F")
     g.add_argument("--kv", choices=("unified", "split", "auto"),
                    help="llama.cpp KV cache: 'unified' (all requests share n-ctx cells), "
                    "'split' (each of the 16 sequence slots gets its own n-ctx cells: fastest "
@@ -87,7 +92,8 @@ def schema_constraint(value: str) -> Constraint:
 
 def load_model(args: argparse.Namespace, name: str | None) -> Model:
     options = {"n_ctx": args.n_ctx, "dtype": args.dtype, "kv": args.kv,
-               "adapter": args.adapter}
+               "adapter": args.adapter, "rope_scaling": args.rope_scaling,
+               "rope_factor": args.rope_factor}
     engine = Engine(args.home)
     licence_notice(engine.home, name or DEFAULT_MODEL)
     return engine.load(name or DEFAULT_MODEL, backend=args.backend,
