@@ -33,7 +33,7 @@ from transformers import (  # noqa: E402
     PreTrainedTokenizerFast,
 )
 
-from lanner.backends import gguf_convert, hf_sampling  # noqa: E402
+from lanner.backends import conversion_cache, gguf_convert, hf_sampling  # noqa: E402
 from lanner.backends.base import Backend  # noqa: E402
 from lanner.backends.transformers import IncrementalDetokenizer, TransformersBackend  # noqa: E402
 from lanner.engine.types import Finish, Request, TextDelta, collect  # noqa: E402
@@ -363,7 +363,8 @@ def test_unreadable_gguf_leaves_no_cache_entry(tmp_path: Path) -> None:
     cache = tmp_path / "converted"
     with pytest.raises(ModelLoadError):
         TransformersBackend(bad, cache_dir=cache)
-    assert list(cache.iterdir()) == []  # no half-written folder, no temp folder
+    # No half-written folder, no temp folder: only the hash index and its lock.
+    assert {e.name for e in cache.iterdir()} <= {conversion_cache.INDEX, conversion_cache.LOCK}
 
 
 def test_conversions_default_to_the_lanner_home(lanner_home: Path) -> None:
@@ -505,7 +506,8 @@ def test_gguf_conversion_is_cached_and_reused(
     tinycoder: TransformersBackend, tinycoder_gguf: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cache = tinycoder.folder.parent
-    assert [e.name for e in cache.iterdir()] == [gguf_convert.gguf_sha256(tinycoder_gguf)[:16]]
+    named = {e.name for e in cache.iterdir()} - {conversion_cache.INDEX, conversion_cache.LOCK}
+    assert named == {gguf_convert.gguf_sha256(tinycoder_gguf)[:16]}
     for name in ("config.json", "model.safetensors", "tokenizer.json", gguf_convert.MANIFEST):
         assert (tinycoder.folder / name).is_file()
     manifest = gguf_convert.read_manifest(tinycoder.folder)
