@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import json
 import shutil
+import time
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -253,25 +254,52 @@ def test_generation_config_eos_list_stops(llama_dir: Path, tmp_path: Path) -> No
     assert out.finish.usage.completion_tokens == first
 
 
-def test_closing_the_stream_early_frees_the_kv_cache(
-    llama: TransformersBackend, monkeypatch: pytest.MonkeyPatch
+def test_closing_the_stream_early_frees_the_kv_cache(llama: TransformersBackend) -> None:
+    scheduler = llama._scheduler
+    assert scheduler is not None
+    stream = llama.stream(Request(PROMPT, max_tokens=50, temperature=0.0))
+    first = next(stream)
+    assert isinstance(first, TextDelta)
+    assert llama.stats()["active_sequences"] == 1
+    assert scheduler._cache.rows == 1
+    stream.close()  # returns once the request has left its slot
+    assert llama.stats()["active_sequences"] == 0
+    deadline = time.monotonic() + 10
+    while scheduler._cache.rows and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert scheduler._cache.rows == 0  # idle: the KV memory is given back
+
+
+def test_model_with_a_sliding_window_decodes_alone(
+    llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A window shorter than the context is not one causal mask: such a model
+    keeps transformers' own cache and has no batched stream_to, same tokens."""
+    config = json.loads((llama_dir / "config.json").read_text())
+    folder = tmp_path / "windowed"
+    shutil.copytree(llama_dir, folder)
+    (folder / "config.json").write_text(json.dumps({**config, "sliding_window": 64}))
+    windowed = TransformersBackend(folder)
+    assert windowed.stream_to is None and windowed._scheduler is None
     caches: list[weakref.ref[Any]] = []
-    new_cache = llama._new_cache
+    new_cache = windowed._new_cache
 
     def tracked() -> Any:
         cache = new_cache()
         caches.append(weakref.ref(cache))
         return cache
 
-    monkeypatch.setattr(llama, "_new_cache", tracked)
-    stream = llama.stream(Request(PROMPT, max_tokens=50, temperature=0.0))
-    first = next(stream)
-    assert isinstance(first, TextDelta)
-    assert caches[0]() is not None
+    monkeypatch.setattr(windowed, "_new_cache", tracked)
+    request = Request(PROMPT, max_tokens=12, temperature=0.0)
+    plain = TransformersBackend(llama_dir)
+    expected = [t.id for t in collect(plain.stream(request)).tokens]
+    assert [t.id for t in collect(windowed.stream(request)).tokens] == expected
+    stream = windowed.stream(Request(PROMPT, max_tokens=50, temperature=0.0))
+    next(stream)
+    assert caches[-1]() is not None
     stream.close()
     gc.collect()
-    assert caches[0]() is None
+    assert caches[-1]() is None
 
 
 def test_stream_ends_with_one_finish_and_text_matches_tokens(llama: TransformersBackend) -> None:

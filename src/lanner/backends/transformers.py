@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import queue
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -25,6 +26,8 @@ from lanner.backends import hf_sampling, rope
 from lanner.backends.base import ModelMetadata
 from lanner.backends.gguf_convert import converted_folder, read_manifest
 from lanner.backends.hf_adapters import Adapters, chat_template
+from lanner.backends.hf_batching import Job, Scheduler
+from lanner.backends.hf_slots import SlotCache, causal_mask, supports_slots
 from lanner.engine.constrain import Matcher
 from lanner.engine.textstream import StopBuffer
 from lanner.engine.types import (
@@ -43,6 +46,7 @@ from lanner.errors import ContextLengthExceeded, InvalidRequest, ModelLoadError,
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _MAX_DEFAULT_CTX = 8192
 _FALLBACK_CTX = 2048  # configs that name no context length (rare; old GPT-style models)
+_DEFAULT_SLOTS = 16  # requests decoded together; more wait their turn
 _DETOK_CONTEXT = 5  # prompt ids decoded before the first new id, for its leading space
 
 
@@ -55,7 +59,8 @@ class TransformersBackend:
     ``cache_dir`` is where GGUF conversions live (default ``<home>/converted``).
     ``adapter``: a peft LoRA folder loaded on top (its chat template, if it
     ships one, is the one it was trained with and replaces the model's);
-    ``add_adapter`` gives more adapters on the same weights.
+    ``add_adapter`` gives more adapters on the same weights. Up to ``n_seq_max``
+    requests are decoded together (``hf_batching``); more wait their turn.
     Raises ``ModelNotFound`` for a missing path, ``ModelLoadError`` for one that
     cannot be loaded, ``InvalidRequest`` for a bad dtype/device/n_ctx.
     ``rope_scaling`` "linear" | "yarn" with ``rope_factor`` stretches the
@@ -74,6 +79,7 @@ class TransformersBackend:
         n_ctx: int | None = None,
         cache_dir: Path | None = None,
         adapter: str | Path | None = None,
+        n_seq_max: int = _DEFAULT_SLOTS,
         rope_scaling: str | None = None,
         rope_factor: float | None = None,
     ) -> None:
@@ -81,6 +87,7 @@ class TransformersBackend:
         self.device = _resolve_device(device)
         self.dtype = _resolve_dtype(dtype, self.device)
         _check_n_ctx(n_ctx)
+        _check_positive("n_seq_max", n_seq_max)
         self.folder = _model_folder(path, cache_dir)
         scaled = rope.hf_config(self.folder, rope_scaling, rope_factor, n_ctx)
         self.rope_scaling = scaled[1] if scaled else None
@@ -103,6 +110,9 @@ class TransformersBackend:
         self._ll_tokenizer: Any = None
         self._cache_kwarg = _cache_kwarg(self.model)
         self._keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        self._scheduler: Scheduler | None = None
+        if supports_slots(config, self.n_ctx):
+            self._scheduler = Scheduler(self._forward_rows, n_seq_max, self.device)
 
     def _metadata(self, architecture: str, n_ctx_train: int) -> ModelMetadata:
         template = self.tokenizer.chat_template
@@ -160,12 +170,8 @@ class TransformersBackend:
     def stream(self, request: Request) -> Generator[Event, None, None]:
         """Generate for ``request``. The prompt is checked now (``InvalidRequest``,
         ``ContextLengthExceeded``); tokens come as the returned iterator is read."""
-        prompt_ids = self._prompt_ids(request.prompt)
-        room = self.n_ctx - len(prompt_ids)
-        if room < 1:
-            raise ContextLengthExceeded(len(prompt_ids), self.n_ctx)
-        limit = room if request.max_tokens is None else min(room, request.max_tokens)
-        return self._generate(request, prompt_ids, limit)
+        run = self._run(request)
+        return self._batched(run) if self._scheduler is not None else self._alone(run)
 
     def _grammar_tokenizer(self) -> Any:
         """llguidance's view of the vocabulary, built once."""
@@ -190,47 +196,95 @@ class TransformersBackend:
             raise InvalidRequest("prompt", "tokenizes to no tokens")
         return ids
 
-    def _generate(
-        self, request: Request, prompt_ids: list[int], limit: int
-    ) -> Generator[Event, None, None]:
-        start = time.perf_counter()
-        state = _Decoding.start(request, prompt_ids, limit, self.device)
+    @property
+    def stream_to(self) -> Callable[[Request, Callable[[object], None]], Callable[[], None]] | None:
+        """``_stream_to`` when requests are decoded together, else None (the
+        server then runs each stream in a thread of its own)."""
+        return self._stream_to if self._scheduler is not None else None
+
+    def _stream_to(self, request: Request, sink: Callable[[object], None]) -> Callable[[], None]:
+        """Generate for ``request`` in the batch, with no thread of the caller's
+        waiting on it (the server's streams, as llama.cpp's ``stream_to``).
+
+        ``sink`` gets each Event, or the exception that ends the stream, then
+        ``None`` once the request has left the batch; it is called on the
+        scheduler thread and must return at once. Validation errors raise here.
+        Returns ``stop``, which makes the request leave at the next step."""
+        scheduler = self._scheduler
+        assert scheduler is not None
+        run = self._run(request)
+        run.restart_clock()
+        job = Job(run, sink)
+        scheduler.submit(job)
+        return lambda: scheduler.cancel(job)
+
+    def stats(self) -> dict[str, int]:
+        scheduler = self._scheduler
+        if scheduler is None:
+            return {}
+        return {"queue_depth": len(scheduler.waiting), "active_sequences": len(scheduler.active),
+                "max_batch_seqs": scheduler.max_batch, "decode_steps": scheduler.steps}
+
+    def _run(self, request: Request) -> _Run:
+        prompt_ids = self._prompt_ids(request.prompt)
+        room = self.n_ctx - len(prompt_ids)
+        if room < 1:
+            raise ContextLengthExceeded(len(prompt_ids), self.n_ctx)
+        limit = room if request.max_tokens is None else min(room, request.max_tokens)
+        matcher = None
         if request.constraint is not None:
-            state.matcher = Matcher(self._grammar_tokenizer(), request.constraint,
-                                    self._vocab_size)
-        detok = IncrementalDetokenizer(self.detokenize, prompt_ids[-_DETOK_CONTEXT:])
-        stops = StopBuffer(request.stop)
-        reason: FinishReason = "length"
-        ttft, n = 0.0, 0
+            matcher = Matcher(self._grammar_tokenizer(), request.constraint, self._vocab_size)
+        return _Run(self, request, prompt_ids, limit, matcher)
+
+    def _batched(self, run: _Run) -> Generator[Event, None, None]:
+        """The request through the scheduler, its events read here."""
+        assert self._scheduler is not None
+        items: queue.SimpleQueue[object] = queue.SimpleQueue()
+        job = Job(run, items.put)
+        run.restart_clock()
+        self._scheduler.submit(job)
+        try:
+            while (item := items.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item  # type: ignore[misc]
+        finally:
+            # A consumer that stops reading early frees the request's slot.
+            self._scheduler.cancel(job, wait=True)
+
+    def _alone(self, run: _Run) -> Generator[Event, None, None]:
+        """One request on transformers' own cache (models ``SlotCache`` cannot
+        describe, such as sliding-window attention)."""
+        run.restart_clock()
         cache = self._new_cache()
         try:
-            logits = self._prefill(prompt_ids, cache)
+            logits = self._prefill(run.prompt_ids, cache)
             while True:
-                token_id, logprob, top = self._choose(logits, state)
-                ttft = ttft or time.perf_counter() - start
-                if token_id in self._eos_ids:
-                    reason = "stop"
-                    break
-                n += 1
-                state.append(token_id)
-                if state.matcher is not None:
-                    state.matcher.accept(token_id)
-                token = self._token(token_id, detok.push(token_id), logprob, top)
-                if delta := stops.push(token.text, token):
-                    yield delta
-                if stops.hit or (state.matcher is not None and state.matcher.finished):
-                    reason = "stop"
-                    break
-                if n >= limit:
-                    break
-                logits = self._decode_one_token(token_id, len(prompt_ids) + n - 1, cache)
+                events, next_id = run.advance(logits)
+                yield from events
+                if next_id is None:
+                    return
+                logits = self._decode_one_token(next_id, run.position - 1, cache)
         finally:
             # Free the KV cache as soon as the request ends, also when the
             # consumer closes the stream early.
             del cache
-        yield from _drain(stops, detok.flush())
-        usage = Usage(prompt_tokens=len(prompt_ids), completion_tokens=n)
-        yield Finish(reason, usage, Timings(ttft, time.perf_counter() - start))
+
+    @torch.inference_mode()
+    def _forward_rows(self, adapter: str | None, cache: SlotCache, rows: list[int],
+                      ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Float32 logits (B, V) of each row's last token; ``ids`` and
+        ``positions`` (B, T) go into ``cache`` rows ``rows``."""
+        kv_len = int(positions.max()) + 1
+        cache.bind(rows, positions, kv_len)
+        kwargs: dict[str, Any] = {self._cache_kwarg: cache, "use_cache": True}
+        if self._keeps_logits:
+            kwargs["logits_to_keep"] = 1
+        mask = causal_mask(positions, kv_len, self.model.dtype)
+        with self._adapters.use(adapter):
+            out = self.model(input_ids=ids, position_ids=positions, attention_mask=mask,
+                             **kwargs)
+        return out.logits[:, -1].float()
 
     def _new_cache(self) -> DynamicCache:
         return DynamicCache(config=self.model.config)
@@ -412,6 +466,8 @@ class TransformersBackend:
 
     def close(self) -> None:
         """Drop the model and tokenizer; the backend cannot be used afterwards."""
+        if self._scheduler is not None:
+            self._scheduler.close()
         self.model = None
         self.tokenizer = None
         if self.device.type == "cuda":
@@ -451,6 +507,62 @@ class _Decoding:
     def append(self, token_id: int) -> None:
         self.history[self.length] = token_id
         self.length += 1
+
+
+class _Run:
+    """One request being generated: its sampling state, text assembly and
+    counters. ``advance`` takes the logits for its next token, whichever pass
+    computed them (alone or in a batch)."""
+
+    def __init__(self, backend: TransformersBackend, request: Request, prompt_ids: list[int],
+                 limit: int, matcher: Matcher | None) -> None:
+        self.backend = backend
+        self.adapter = backend._adapter
+        self.prompt_ids = prompt_ids
+        self.limit = limit
+        self.state = _Decoding.start(request, prompt_ids, limit, backend.device)
+        self.state.matcher = matcher
+        self.detok = IncrementalDetokenizer(backend.detokenize, prompt_ids[-_DETOK_CONTEXT:])
+        self.stops = StopBuffer(request.stop)
+        self.n = 0
+        self.start = time.perf_counter()
+        self.ttft = 0.0
+
+    @property
+    def position(self) -> int:
+        """Position of the next token fed to the model (the last one chosen)."""
+        return len(self.prompt_ids) + self.n
+
+    def restart_clock(self) -> None:
+        self.start = time.perf_counter()
+
+    def advance(self, logits: torch.Tensor) -> tuple[list[Event], int | None]:
+        """Choose the next token from float32 ``logits`` (V,); the events it
+        makes, and the token to feed next (None: done, the events end with Finish)."""
+        backend, state = self.backend, self.state
+        token_id, logprob, top = backend._choose(logits, state)
+        self.ttft = self.ttft or time.perf_counter() - self.start
+        if token_id in backend._eos_ids:
+            return self._finish([], "stop"), None
+        self.n += 1
+        state.append(token_id)
+        if state.matcher is not None:
+            state.matcher.accept(token_id)
+        token = backend._token(token_id, self.detok.push(token_id), logprob, top)
+        events: list[Event] = []
+        if delta := self.stops.push(token.text, token):
+            events.append(delta)
+        if self.stops.hit or (state.matcher is not None and state.matcher.finished):
+            return self._finish(events, "stop"), None
+        if self.n >= self.limit:
+            return self._finish(events, "length"), None
+        return events, token_id
+
+    def _finish(self, events: list[Event], reason: FinishReason) -> list[Event]:
+        events.extend(_drain(self.stops, self.detok.flush()))
+        usage = Usage(prompt_tokens=len(self.prompt_ids), completion_tokens=self.n)
+        events.append(Finish(reason, usage, Timings(self.ttft, time.perf_counter() - self.start)))
+        return events
 
 
 class IncrementalDetokenizer:
@@ -510,10 +622,13 @@ def _resolve_device(device: str) -> torch.device:
 
 
 def _check_n_ctx(n_ctx: object) -> None:
-    if n_ctx is None:
-        return
-    if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1:
-        raise InvalidRequest("n_ctx", f"must be a positive integer, got {n_ctx!r}")
+    if n_ctx is not None:
+        _check_positive("n_ctx", n_ctx)
+
+
+def _check_positive(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidRequest(name, f"must be a positive integer, got {value!r}")
 
 
 def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
