@@ -7,9 +7,10 @@ So every model call of a backend goes through ``Adapters.use(name)``: it holds
 one lock for the call and switches the active adapter first when it differs.
 The lock is held for one forward pass, never across a ``yield``, so requests
 for different adapters interleave token by token and never see each other's
-weights. (peft's per-row ``adapter_names`` would batch mixed adapters, but it
-works through temporary hooks, module state again, so it would need the same
-lock; the transformers backend runs one request per forward anyway.)
+weights. The batch scheduler (``hf_batching``) runs one forward pass per
+adapter among its running requests for the same reason. (peft's per-row
+``adapter_names`` would batch mixed adapters, but it works through temporary
+hooks, module state again, so it would need the same lock.)
 """
 
 from __future__ import annotations
