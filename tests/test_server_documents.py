@@ -41,7 +41,9 @@ def test_answer_carries_checked_citations(server: LiveServer) -> None:
     citations = reply.model_extra["citations"]  # type: ignore[index]
     (source,) = citations["sources"]
     assert source["path"].endswith("lighthouse.txt") and source["number"] == 1
-    assert DOC[source["start"]:source["end"]] in DOC
+    # The span points at the passage the model was given, in the source's own text.
+    assert "built in 1871" in source["text"]
+    assert DOC[source["start"]:source["end"]] == source["text"]
     checks = {c["claim"]: c["verified"] for c in citations["citations"]}
     assert checks == {"The lighthouse was built in 1871": True,
                       "It was painted blue in 1990": False}
