@@ -69,6 +69,11 @@ def test_prompt_from_stdin_and_json_output(lanner_home: Path) -> None:
     assert data["model"] == "smollm2"
     assert data["usage"]["completion_tokens"] <= 8
     assert data["finish_reason"] in ("stop", "length")
+    # The question typed on stdin is what the model was asked (and logged).
+    con = sqlite3.connect(lanner_home / "logs.db")
+    prompts = [row[0] for row in con.execute("SELECT prompt FROM responses")]
+    con.close()
+    assert prompts == [QUESTION]
 
 
 @pytest.mark.parametrize(
