@@ -8,7 +8,7 @@ import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lanner import paths
 from lanner.cli import options
@@ -16,11 +16,10 @@ from lanner.cli.columns import Columns
 from lanner.cli.compare import model_options, read_prompts
 from lanner.engine.types import TextDelta
 from lanner.errors import InvalidRequest
-from lanner.evals.arena import LABELS, Arena, Battle
-from lanner.evals.arena_store import ArenaStore
-from lanner.evals.compare import check_names
-from lanner.evals.ratings import Rating, Winner, fit
-from lanner.store import Store
+
+if TYPE_CHECKING:  # the evals modules load numpy: imported by the functions that run
+    from lanner.evals.arena import Arena, Battle
+    from lanner.evals.ratings import Rating, Winner
 
 KEYS: dict[str, Winner] = {"a": "a", "b": "b", "t": "tie", "x": "both_bad"}
 QUESTION = "Which answer is better? [a] A  [b] B  [t] tie  [x] both bad  [q] quit: "
@@ -55,6 +54,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lanner.evals.arena import Arena
+    from lanner.evals.compare import check_names
+    from lanner.store import Store
+
     names = args.models or []
     check_names(names, least=2, what="the arena")
     if args.no_log:
@@ -98,6 +101,8 @@ def _ask_prompt() -> str | None:
 
 
 def _show(battle: Battle) -> None:
+    from lanner.evals.arena import LABELS
+
     columns = Columns([f"Answer {label}" for label in LABELS], sys.stdout)
     try:
         for index, event in battle.stream():
@@ -129,6 +134,10 @@ def ask_vote() -> Winner | None:
 
 
 def run_ratings(args: argparse.Namespace) -> int:
+    from lanner.evals.arena_store import ArenaStore
+    from lanner.evals.ratings import fit
+    from lanner.store import Store
+
     db = paths.db_path(paths.home(args.home))
     with Store(db) as store:
         votes = ArenaStore(store).votes()

@@ -6,14 +6,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from lanner.chat.session import ChatSession
 from lanner.cli import options
-from lanner.cli.rag_options import add_collection_flags, open_library
-from lanner.engine.types import collect
-from lanner.rag.answer import Answer, finish
-from lanner.rag.search import MODES
+from lanner.cli.rag_options import MODES, add_collection_flags, open_library
+
+if TYPE_CHECKING:
+    from lanner.rag.answer import Answer
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,6 +35,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lanner.chat.session import ChatSession
+    from lanner.engine.types import collect
+    from lanner.rag.answer import finish
+
     question = options.read_prompt(args.question)
     sampling = options.sampling_options(args)
     library = open_library(args)

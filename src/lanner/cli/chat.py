@@ -10,14 +10,14 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lanner.chat.session import ChatSession
 from lanner.cli import options, render, tooling
-from lanner.cli.ask import print_sources
 from lanner.errors import InvalidRequest, LannerError
-from lanner.rag.answer import finish
-from lanner.rag.library import Library
+
+if TYPE_CHECKING:
+    from lanner.chat.session import ChatSession
+    from lanner.rag.library import Library
 
 HELP = """Commands:
   /reset        forget the conversation and start a new one (the log keeps it)
@@ -48,7 +48,11 @@ def run(args: argparse.Namespace) -> int:
     store = options.open_store(args)
     model = options.load_model(args, args.model)
     session = tooling.with_tools(args, _session(args, model, store, sampling))
-    library = Library.open(home=args.home) if args.collection else None
+    library = None
+    if args.collection:
+        from lanner.rag.library import Library  # numpy and the embedder: only with documents
+
+        library = Library.open(home=args.home)
     print(f"Chatting with {model.name} ({model.backend.name}). /help for commands, "
           "Ctrl-D to leave.", file=sys.stderr)
     while True:
@@ -74,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _session(args: argparse.Namespace, model: Any, store: Any,
              sampling: dict[str, Any]) -> ChatSession:
+    from lanner.chat.session import ChatSession
+
     conversation = args.conversation
     if args.resume and not conversation:
         if store is None:
@@ -110,6 +116,9 @@ def _answer_from_documents(session: ChatSession, line: str, library: Library,
                            collection: str, verbose: bool) -> None:
     """Rewrite a follow-up into a standalone query, retrieve, answer with
     citations, then list the sources and any citation that failed its check."""
+    from lanner.cli.ask import print_sources
+    from lanner.rag.answer import finish
+
     history = list(session.messages)
     try:
         prepared = library.prepare(session.model, line, collection, history=history,

@@ -9,7 +9,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 from lanner.cli.rag_options import open_library
-from lanner.store.hashing import sha256_of_file
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,6 +34,8 @@ def run(args: argparse.Namespace) -> int:
 
 def status(path: str, sha256: str) -> str:
     """"ok", "changed" (re-ingest to update) or "missing" (forget to remove)."""
+    from lanner.store.hashing import sha256_of_file
+
     file = Path(path)
     if not file.is_file():
         return "missing"

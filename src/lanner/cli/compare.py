@@ -7,13 +7,15 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lanner.cli import options
 from lanner.cli.columns import Columns
 from lanner.engine.types import TextDelta
 from lanner.errors import InvalidRequest
-from lanner.evals.compare import Answer, Comparison, check_names
+
+if TYPE_CHECKING:
+    from lanner.evals.compare import Answer, Comparison
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,6 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lanner.evals.compare import Comparison, check_names
+
     prompts = read_prompts(args.prompt, args.file)
     names = args.models or []
     check_names(names, least=2, what="compare")

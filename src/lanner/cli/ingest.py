@@ -10,11 +10,18 @@ import argparse
 import json
 import sys
 from dataclasses import asdict
+from typing import TYPE_CHECKING
 
-from lanner.cli.rag_options import add_collection_flags, open_library
-from lanner.rag.chunking import MAX_CHARS, OVERLAP
-from lanner.rag.embed import BATCH_SIZE, open_embedder
-from lanner.rag.ingest import IngestReport, Progress
+from lanner.cli.rag_options import (
+    CHUNK_CHARS,
+    CHUNK_OVERLAP,
+    EMBED_BATCH,
+    add_collection_flags,
+    open_library,
+)
+
+if TYPE_CHECKING:
+    from lanner.rag.ingest import IngestReport, Progress
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,17 +34,19 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="for a new collection: a sentence-transformers folder, or "
                    "URL#MODEL of an OpenAI-compatible /v1/embeddings (default: the bundled "
                    "all-MiniLM-L6-v2)")
-    p.add_argument("--chunk-size", type=int, default=MAX_CHARS, metavar="CHARS",
-                   help=f"most characters per chunk (default {MAX_CHARS})")
-    p.add_argument("--overlap", type=int, default=OVERLAP, metavar="CHARS",
-                   help=f"characters shared by neighbouring chunks (default {OVERLAP})")
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE,
-                   help=f"texts per embedding batch (default {BATCH_SIZE})")
+    p.add_argument("--chunk-size", type=int, default=CHUNK_CHARS, metavar="CHARS",
+                   help=f"most characters per chunk (default {CHUNK_CHARS})")
+    p.add_argument("--overlap", type=int, default=CHUNK_OVERLAP, metavar="CHARS",
+                   help=f"characters shared by neighbouring chunks (default {CHUNK_OVERLAP})")
+    p.add_argument("--batch-size", type=int, default=EMBED_BATCH,
+                   help=f"texts per embedding batch (default {EMBED_BATCH})")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from lanner.rag.embed import open_embedder
+
     library = open_library(args)
     try:
         embedder = open_embedder(args.embedder, batch_size=args.batch_size) \

@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 from lanner import paths
-from lanner.store import Store, Turn
+
+if TYPE_CHECKING:
+    from lanner.store import Turn
 
 DEFAULT_COUNT = 3
 _SHORT_HASH = 12
@@ -48,6 +51,8 @@ def _count(text: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Print the selected turns (oldest first) and return the exit code, 0."""
+    from lanner.store import Store
+
     count = getattr(args, "count", None)
     conversation = getattr(args, "conversation", None)
     if count is None:

@@ -6,15 +6,16 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lanner import paths
-from lanner.engine.engine import Engine
-from lanner.engine.model import Model
 from lanner.engine.registry import DEFAULT_MODEL
 from lanner.engine.types import Constraint
 from lanner.errors import InvalidRequest
-from lanner.store import Store
+
+if TYPE_CHECKING:  # the engine (jinja2) and the store load when a verb runs, not for --help
+    from lanner.engine.model import Model
+    from lanner.store import Store
 
 _SAMPLING = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "max_tokens")
 
@@ -91,6 +92,8 @@ def schema_constraint(value: str) -> Constraint:
 
 
 def load_model(args: argparse.Namespace, name: str | None) -> Model:
+    from lanner.engine.engine import Engine
+
     options = {"n_ctx": args.n_ctx, "dtype": args.dtype, "kv": args.kv,
                "adapter": args.adapter, "rope_scaling": args.rope_scaling,
                "rope_factor": args.rope_factor}
@@ -117,6 +120,8 @@ def licence_notice(home: Path, name: str) -> None:
 def open_store(args: argparse.Namespace) -> Store | None:
     if getattr(args, "no_log", False):
         return None
+    from lanner.store import Store
+
     return Store(paths.db_path(paths.home(args.home)))
 
 

@@ -1,11 +1,23 @@
-"""Flags shared by the document verbs (ingest, ask, collections, forget)."""
+"""Flags shared by the document verbs (ingest, ask, collections, forget).
+
+The rag package's defaults are repeated here so that registering these verbs
+(every ``lanner`` start, ``--help`` included) imports no rag module: they load
+numpy. tests/test_startup.py pins the copies to the originals.
+"""
 
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-from lanner.rag.library import Library
-from lanner.rag.store import DEFAULT_COLLECTION
+if TYPE_CHECKING:
+    from lanner.rag.library import Library
+
+DEFAULT_COLLECTION = "default"  # lanner.rag.store.DEFAULT_COLLECTION
+MODES = ("hybrid", "vector", "keyword")  # lanner.rag.search.MODES
+CHUNK_CHARS = 1000  # lanner.rag.chunking.MAX_CHARS
+CHUNK_OVERLAP = 150  # lanner.rag.chunking.OVERLAP
+EMBED_BATCH = 64  # lanner.rag.embed.BATCH_SIZE
 
 
 def add_collection_flags(parser: argparse.ArgumentParser) -> None:
@@ -18,4 +30,6 @@ def add_collection_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def open_library(args: argparse.Namespace) -> Library:
+    from lanner.rag.library import Library
+
     return Library.open(args.store, home=args.home)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lanner.chat.session import ChatSession
 from lanner.cli import options, render, strategy_options, tooling
 
 
@@ -26,6 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lanner.chat.session import ChatSession
+
     prompt = options.read_prompt(args.prompt)
     sampling = options.sampling_options(args)
     model = options.load_model(args, args.model)

@@ -8,7 +8,6 @@ import os
 import sys
 
 from lanner.cli import options
-from lanner.engine.engine import Engine
 from lanner.engine.registry import DEFAULT_MODEL, resolve
 
 KEY_ENV = "LANNER_API_KEY"
@@ -49,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from lanner.catalog.fit import check_models_for_serving
+    from lanner.engine.engine import Engine
     from lanner.server.app import create_app
 
     if args.max_queue < 1:

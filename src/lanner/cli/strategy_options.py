@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
-from lanner.chat.session import ChatSession
-from lanner.engine.model import Model
 from lanner.errors import InvalidRequest
+
+if TYPE_CHECKING:
+    from lanner.chat.session import ChatSession
+    from lanner.engine.model import Model
 
 # lanner.chat.strategies.STRATEGIES less "plain" (plain is a run without the flag)
 CHOICES = ("show-work", "self-consistency", "check-revise")

@@ -13,13 +13,13 @@ import sys
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from lanner.chat.session import ChatSession
 from lanner.cli import render
-from lanner.engine.model import Model
 from lanner.engine.types import Event, Finish, TextDelta
 from lanner.errors import InvalidRequest
 
 if TYPE_CHECKING:
+    from lanner.chat.session import ChatSession
+    from lanner.engine.model import Model
     from lanner.tools.loop import LoopEvent, ToolLoopResult
     from lanner.tools.schema import Tool
 
