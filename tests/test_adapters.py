@@ -10,15 +10,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-pytest.importorskip("peft")
-
-from lanner.backends.transformers import TransformersBackend  # noqa: E402
-from lanner.cli import main  # noqa: E402
-from lanner.engine.engine import Engine  # noqa: E402
-from lanner.errors import ModelLoadError  # noqa: E402
-from lanner.server.app import create_app  # noqa: E402
-from serverkit import LiveServer, serving, user  # noqa: E402
-from tunekit import chat_ids, greedy, make_tiny_llama, train_adapter  # noqa: E402
+from lanner.backends.transformers import TransformersBackend
+from lanner.cli import main
+from lanner.engine.engine import Engine
+from lanner.errors import ModelLoadError
+from lanner.server.app import create_app
+from serverkit import LiveServer, serving, user
+from tunekit import chat_ids, greedy, make_tiny_llama, train_adapter
 
 KEY = "admin-key"
 QUESTION = "name a colour?"

@@ -14,11 +14,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-pytest.importorskip("lm_eval")
-
-from lanner.engine.engine import Engine  # noqa: E402
-from lanner.evals import runner  # noqa: E402
-from lanner.evals.taskfile import load_task  # noqa: E402
+from lanner.engine.engine import Engine
+from lanner.evals import runner
+from lanner.evals.taskfile import load_task
 
 DATA = Path(__file__).parent / "data" / "evals"
 pytestmark = pytest.mark.slow

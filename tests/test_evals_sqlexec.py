@@ -177,7 +177,7 @@ def _data_file(name: str, task: Path) -> Path:
         module, _, rest = name.removeprefix("package:").partition("/")
         spec = importlib.util.find_spec(module)
         if spec is None or not spec.submodule_search_locations:
-            pytest.skip(f"{module} is not installed (make install)")
+            pytest.fail(f"{module} is not installed (make install)")
         return Path(list(spec.submodule_search_locations)[0]) / rest
     return task.parent / name
 

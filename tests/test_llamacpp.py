@@ -13,6 +13,7 @@ from typing import Any
 
 import jinja2
 import jinja2.ext
+import llama_cpp
 import numpy as np
 import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -27,8 +28,6 @@ from lanner.errors import (
     ModelLoadError,
     ModelNotFound,
 )
-
-llama_cpp = pytest.importorskip("llama_cpp")
 
 QUESTIONS = [
     "What is the capital of France?",

@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import llama_cpp
 import pytest
 
 from lanner.backends.llamacpp import LlamaCppBackend, split_fits
@@ -17,8 +18,6 @@ from lanner.engine.engine import Engine
 from lanner.engine.types import Completion, Request, collect
 from lanner.errors import InvalidRequest
 from lanner.server.pool import describe
-
-llama_cpp = pytest.importorskip("llama_cpp")
 
 PROMPTS = ["The capital of Italy is", "def fibonacci(n):", "Roses are red,",
            "My favourite food is"]

@@ -22,8 +22,6 @@ import httpx
 import numpy as np
 import pytest
 
-pytest.importorskip("lm_eval")
-
 DATA = Path(__file__).parent / "data" / "evals"
 TASK = "lanner_mc_tiny"
 pytestmark = pytest.mark.slow

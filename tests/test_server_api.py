@@ -447,7 +447,6 @@ QUESTION = user("What is the capital of France? Answer in one sentence.")
 def real_server(
     tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path,
 ) -> Iterator[LiveServer]:
-    pytest.importorskip("llama_cpp")
     engine = Engine(tmp_path_factory.mktemp("home"))
     app = create_app(engine, ["smollm2"], load_options=REAL_OPTIONS)
     with serving(app) as server:

@@ -68,7 +68,6 @@ async def crowd(url: str, bodies: list[dict[str, Any]], timeout: float) -> list[
 def real_server(
     tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path,
 ) -> Iterator[LiveServer]:
-    pytest.importorskip("llama_cpp")
     engine = Engine(tmp_path_factory.mktemp("home"))
     # One llama.cpp thread: the 64 clients in this process need the other core.
     # The split KV cache, as `lanner serve` picks for this model (a smaller window).
@@ -139,7 +138,6 @@ def test_small_queue_turns_extra_clients_away_with_retry_after(tmp_path: Path) -
 
 
 def test_small_queue_with_the_bundled_model(tmp_path: Path, smollm2_gguf: Path) -> None:
-    pytest.importorskip("llama_cpp")
     engine = Engine(tmp_path)
     app = create_app(engine, ["smollm2"], max_queue=2, embedder=None,
                      load_options={"n_threads": 1})

@@ -143,7 +143,6 @@ ANSWERED = ("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
 def real_server(
     tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path,
 ) -> Iterator[LiveServer]:
-    pytest.importorskip("llama_cpp")
     engine = Engine(tmp_path_factory.mktemp("home"))
     with serving(create_app(engine, ["smollm2"], embedder=None,
                             load_options=REAL_OPTIONS)) as server:

@@ -293,7 +293,6 @@ ASK = user("What will the weather be in Paris for the next three days?")
 @pytest.fixture(scope="module")
 def real(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path,
          ) -> Iterator[openai.OpenAI]:
-    pytest.importorskip("llama_cpp")
     engine = Engine(tmp_path_factory.mktemp("home"))
     # One llama.cpp thread: the client threads share the two cores (see test_server_api).
     app = create_app(engine, ["smollm2"], load_options={"n_threads": 1})

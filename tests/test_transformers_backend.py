@@ -18,14 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-pytest.importorskip("torch")
-pytest.importorskip("transformers")
-
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
-from transformers import (  # noqa: E402
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
     AutoModelForCausalLM,
     FalconConfig,
     FalconForCausalLM,
@@ -34,11 +30,11 @@ from transformers import (  # noqa: E402
     PreTrainedTokenizerFast,
 )
 
-from lanner.backends import conversion_cache, gguf_convert, hf_sampling  # noqa: E402
-from lanner.backends.base import Backend  # noqa: E402
-from lanner.backends.transformers import IncrementalDetokenizer, TransformersBackend  # noqa: E402
-from lanner.engine.types import Finish, Request, TextDelta, collect  # noqa: E402
-from lanner.errors import (  # noqa: E402
+from lanner.backends import conversion_cache, gguf_convert, hf_sampling
+from lanner.backends.base import Backend
+from lanner.backends.transformers import IncrementalDetokenizer, TransformersBackend
+from lanner.engine.types import Finish, Request, TextDelta, collect
+from lanner.errors import (
     ContextLengthExceeded,
     InvalidRequest,
     ModelLoadError,

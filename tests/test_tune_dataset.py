@@ -132,8 +132,8 @@ def test_alpaca_is_one_user_turn_and_one_reply(tmp_path: Path, tokenizer: Any,
 
 def test_completion_is_raw_text_with_eos_trained(tmp_path: Path, tokenizer: Any,
                                                  model: Model) -> None:
-    pq = pytest.importorskip("pyarrow.parquet")
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
     rows = [{"prompt": "The capital of France is", "completion": " Paris."},
             {"prompt": "<|im_start|>1, 2,", "completion": " 3"}]
@@ -282,7 +282,7 @@ def test_pack_fills_rows_and_keeps_labels_and_boundaries() -> None:
 def test_packed_examples_attend_only_within_themselves(attention: str) -> None:
     """What pack's docstring tells the trainer: position_ids, no attention_mask
     and no cache give each packed example the logits it has alone, padding included."""
-    torch = pytest.importorskip("torch")
+    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tiny: dict[str, Any] = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,

@@ -8,18 +8,15 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
-pytest.importorskip("peft")
-
-import torch  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
-
-from lanner.backends import gguf_convert  # noqa: E402
-from lanner.backends.transformers import TransformersBackend  # noqa: E402
-from lanner.cli import main  # noqa: E402
-from lanner.errors import InvalidRequest  # noqa: E402
-from lanner.tune.merge import merge  # noqa: E402
-from tunekit import chat_ids, greedy, make_tiny_llama, train_adapter  # noqa: E402
+from lanner.backends import gguf_convert
+from lanner.backends.transformers import TransformersBackend
+from lanner.cli import main
+from lanner.errors import InvalidRequest
+from lanner.tune.merge import merge
+from tunekit import chat_ids, greedy, make_tiny_llama, train_adapter
 
 
 @pytest.fixture(scope="module")

@@ -14,26 +14,22 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
-pytest.importorskip("peft")
-pytest.importorskip("accelerate")
-
-import torch  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
-
-from lanner.cli import main  # noqa: E402
-from lanner.errors import InvalidRequest, LannerError  # noqa: E402
-from lanner.tune.batches import Batch, collate, shared_prefix  # noqa: E402
-from lanner.tune.config import LoraConfig, load_config  # noqa: E402
-from lanner.tune.dataset import IGNORE, Example, pack  # noqa: E402
-from lanner.tune.lora import (  # noqa: E402
+from lanner.cli import main
+from lanner.errors import InvalidRequest, LannerError
+from lanner.tune.batches import Batch, collate, shared_prefix
+from lanner.tune.config import LoraConfig, load_config
+from lanner.tune.dataset import IGNORE, Example, pack
+from lanner.tune.lora import (
     NextTokenLoss,
     add_lora,
     load_base,
     shared_prefix_works,
 )
-from lanner.tune.trainer import train  # noqa: E402
-from tunekit import chat_ids, greedy, make_tiny_llama, write_config  # noqa: E402
+from lanner.tune.trainer import train
+from tunekit import chat_ids, greedy, make_tiny_llama, write_config
 
 CPU = torch.device("cpu")
 
@@ -231,7 +227,6 @@ def test_killed_run_resumes_to_the_uninterrupted_result(llama: Path, tmp_path: P
 def test_two_processes_under_accelerate_match_one_with_the_same_global_batch(
     llama: Path, tmp_path: Path
 ) -> None:
-    pytest.importorskip("accelerate")
     (tmp_path / "ddp").mkdir()
     config = write_config(tmp_path / "ddp", llama, max_steps=4, batch_size=2)
     # accelerate's torchrun launcher (its --cpu launcher starts one process without mpirun);

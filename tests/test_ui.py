@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from playwright import sync_api
 
 from lanner.backends.fake import FakeBackend
 from lanner.engine.engine import Engine
@@ -25,8 +26,6 @@ pytestmark = pytest.mark.skipif(
     not CHROMIUM.exists(),
     reason="Debian's chromium is not installed at /usr/bin/chromium (`make install` "
     "installs it as root; or `apt-get install chromium`)")
-sync_api = pytest.importorskip("playwright.sync_api",
-                               reason="playwright is not installed (pip install -e '.[dev]')")
 expect = sync_api.expect
 
 XSS = 'Look: <img src=x onerror="window.__xss=1"> and <script>window.__xss=2</script> done.'
