@@ -47,10 +47,11 @@ export async function send(path, init = {}) {
   }
 }
 
-/** A JSON call; throws an Error carrying the server's message. */
-export async function api(path, body, method) {
-  const init = body === undefined ? { method: method || "GET" }
-    : { method: method || "POST", body: JSON.stringify(body),
+/** A JSON call; throws an Error carrying the server's message. ``signal``
+ *  aborts it (the server then stops the work). */
+export async function api(path, body, method, signal) {
+  const init = body === undefined ? { method: method || "GET", signal }
+    : { method: method || "POST", body: JSON.stringify(body), signal,
         headers: { "Content-Type": "application/json" } };
   const response = await send(path, init);
   if (!response.ok) throw new Error(await errorText(response));

@@ -102,6 +102,21 @@ async function streamAnswer(base, live) {
   }
 }
 
+/** A documents answer: whole, not streamed (the server checks its citations
+ *  once it is complete). Stop aborts it; the server then logs nothing. */
+async function documentsAnswer(body) {
+  chat.controller = new AbortController();
+  try {
+    const reply = await api("/v1/chat/completions", body, "POST", chat.controller.signal);
+    return { text: reply.choices[0].message.content, usage: reply.usage,
+             tokens: reply.choices[0].logprobs?.content || [], citations: reply.citations };
+  } catch (err) {
+    if (err.name !== "AbortError") throw err;
+    chat.messages.pop();  // the question: it is not in the log either
+    return { text: "", usage: null, tokens: [], stopped: true, unlogged: true };
+  }
+}
+
 async function sendMessage(text) {
   const model = $("model").value;
   const collection = $("chat-collection").value;
@@ -116,15 +131,14 @@ async function sendMessage(text) {
     const base = { model, messages: requestMessages(), conversation_id: chat.conversation, ...settings() };
     let answer;
     if (collection) {
-      const reply = await api("/v1/chat/completions", { ...base, collection });
-      answer = { text: reply.choices[0].message.content, usage: reply.usage,
-                 tokens: reply.choices[0].logprobs?.content || [], citations: reply.citations };
+      answer = await documentsAnswer({ ...base, collection });
     } else {
       answer = await streamAnswer(base, live);
     }
     live.el.remove();
-    chat.messages.push({ role: "assistant", content: answer.text });
-    const meta = answer.stopped ? "stopped" : answer.usage ? `${answer.usage.completion_tokens} tokens` : "";
+    if (!answer.unlogged) chat.messages.push({ role: "assistant", content: answer.text });
+    const meta = answer.unlogged ? "stopped before the answer was ready"
+      : answer.stopped ? "stopped" : answer.usage ? `${answer.usage.completion_tokens} tokens` : "";
     showAnswer(answer.text, { model, tokens: answer.tokens, citations: answer.citations, meta });
     await gauge(answer.usage);
     loadConversations();
