@@ -8,6 +8,8 @@ sharing one batch. Requests join while others run and leave when done.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -119,10 +121,10 @@ def test_rows_of_different_lengths_in_one_pass_equal_each_alone(llama_dir: Path)
     cache = SlotCache()
     for row, ids in enumerate(prompts):  # prefill each row but its last token
         backend._forward_rows(None, cache, [row], torch.tensor([ids[:-1]]),
-                              torch.arange(len(ids) - 1)[None])
+                              torch.arange(len(ids) - 1)[None], len(ids) - 1)
     last = torch.tensor([[ids[-1]] for ids in prompts])  # (3, 1)
     positions = torch.tensor([[len(ids) - 1] for ids in prompts])
-    logits = backend._forward_rows(None, cache, [0, 1, 2], last, positions)
+    logits = backend._forward_rows(None, cache, [0, 1, 2], last, positions, 7)
     with torch.inference_mode():
         for row, ids in enumerate(prompts):
             expected = model(input_ids=torch.tensor([ids])).logits[0, -1]
@@ -278,3 +280,18 @@ def test_smollm2_concurrent_chats_equal_each_alone(smollm2_hf_folder: Path) -> N
     assert [s.ids() for s in batched(backend, requests, gap_s=0.05)] == expected
     assert backend.stats()["max_batch_seqs"] >= 2
     backend.close()
+
+
+def test_gpu_decode_benchmark_smoke_mode_runs_on_the_cpu() -> None:
+    """benchmarks/gpu_decode.py --smoke: the Falcon-shaped model through the
+    transformers path, alone, beside HF generate and in concurrent streams."""
+    script = Path(__file__).parents[1] / "benchmarks" / "gpu_decode.py"
+    done = subprocess.run([sys.executable, str(script), "--smoke", "--streams", "3",
+                           "--repeats", "1", "--tokens", "6"],
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout
+    assert "2 layers, hidden 256, multi-query, parallel attention" in out
+    for line in ("of roofline (target >= 70%)", "lanner / HF = ", "3 concurrent streams",
+                 "greedy tokens identical to HF generate: yes"):
+        assert line in out, out

@@ -27,9 +27,10 @@ from lanner.errors import LannerError
 
 PREFILL_CHUNK = 512  # prompt tokens per forward pass: bounds the mask's (T, kv_len) size
 
-Forward = Callable[[str | None, SlotCache, list[int], torch.Tensor, torch.Tensor], torch.Tensor]
-"""(adapter, cache, rows, ids (B, T), positions (B, T)) -> float32 logits (B, V)
-of each row's last token."""
+Forward = Callable[[str | None, SlotCache, list[int], torch.Tensor, torch.Tensor, int],
+                   torch.Tensor]
+"""(adapter, cache, rows, ids (B, T), positions (B, T), kv_len) -> float32 logits
+(B, V) of each row's last token; ``kv_len`` is the largest position + 1."""
 
 
 class Run(Protocol):
@@ -160,8 +161,9 @@ class Scheduler:
         device = self.device
         for start in range(0, len(ids), PREFILL_CHUNK):
             chunk = torch.tensor([ids[start : start + PREFILL_CHUNK]], device=device)  # (1, T)
-            positions = torch.arange(start, start + chunk.shape[1], device=device)[None]
-            logits = self.forward(job.run.adapter, self._cache, [job.row], chunk, positions)
+            end = start + chunk.shape[1]
+            positions = torch.arange(start, end, device=device)[None]
+            logits = self.forward(job.run.adapter, self._cache, [job.row], chunk, positions, end)
         job.position = len(ids)
         self._advance(job, logits[0])
 
@@ -172,8 +174,9 @@ class Scheduler:
         device = self.device
         ids = torch.tensor([[j.next_id] for j in jobs], device=device)  # (B, 1)
         positions = torch.tensor([[j.position] for j in jobs], device=device)  # (B, 1)
+        kv_len = max(j.position for j in jobs) + 1
         logits = self.forward(jobs[0].run.adapter, self._cache, [j.row for j in jobs], ids,
-                              positions)
+                              positions, kv_len)
         for job, row in zip(jobs, logits, strict=True):
             job.position += 1
             self._advance(job, row)

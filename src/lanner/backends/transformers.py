@@ -272,10 +272,10 @@ class TransformersBackend:
 
     @torch.inference_mode()
     def _forward_rows(self, adapter: str | None, cache: SlotCache, rows: list[int],
-                      ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+                      ids: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
         """Float32 logits (B, V) of each row's last token; ``ids`` and
-        ``positions`` (B, T) go into ``cache`` rows ``rows``."""
-        kv_len = int(positions.max()) + 1
+        ``positions`` (B, T) go into ``cache`` rows ``rows``; ``kv_len`` is the
+        largest position + 1."""
         cache.bind(rows, positions, kv_len)
         kwargs: dict[str, Any] = {self._cache_kwarg: cache, "use_cache": True}
         if self._keeps_logits:
