@@ -8,6 +8,10 @@ at least ``SUPPORT`` (60%) of the claim's content words (stemmed, stop words
 dropped) and every number the claim states. A citation that fails is
 flagged with the reason; ``Answer.marked_text`` shows it as ``[n?]``, so an
 unchecked citation is never presented as fact.
+
+An answer that cites nothing (small models' often do) comes with
+``Answer.extracted``: the sentences of the top passages that best match the
+question, copied from the documents, so the user still sees what they say.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from lanner.chat.prompts import render_prompt
+from lanner.rag.rewrite import Queries
 from lanner.rag.search import Hit
 from lanner.rag.text import content_words, numbers
 
@@ -29,6 +34,8 @@ _ONE = r"\[\s*\d+(?:\s*(?:,|;|and)\s*\d+)*\s*\]"
 _GROUP = re.compile(rf"{_ONE}(?:\s*{_ONE})*")
 """A citation marker group: [1], [1, 2], [1][3]."""
 _SENTENCE_BREAK = re.compile(r"[.!?](?=\s)|\n")
+EXTRACT_PASSAGES = 3
+"""How many of the top passages an uncited answer shows a sentence of."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +83,18 @@ class Citation:
     """Span of the ``[..]`` marker group in the answer text."""
 
 
+@dataclass(frozen=True, slots=True)
+class Extract:
+    """A sentence copied from a passage (not written by the model)."""
+
+    number: int
+    """The passage it comes from."""
+    text: str
+    start: int
+    end: int
+    """Its span in the source, like ``Source.start``/``end``."""
+
+
 @dataclass(slots=True)
 class Answer:
     question: str
@@ -89,6 +108,11 @@ class Answer:
     """Exactly what the model was given."""
     uncited: list[str] = field(default_factory=list)
     """Sentences that state something but cite nothing."""
+    retrieval: Queries | None = None
+    """Every query retrieval used, and a rewrite it rejected."""
+    extracted: list[Extract] = field(default_factory=list)
+    """When the answer cites nothing: the best-matching sentence of each top
+    passage (see ``extract``); else empty."""
 
     @property
     def flagged(self) -> list[Citation]:
@@ -118,6 +142,8 @@ class Answer:
             "citations": [{**asdict(c), "marker": list(c.marker)} for c in self.citations],
             "sources": [asdict(s) for s in self.sources],
             "uncited": self.uncited,
+            "retrieval": (self.retrieval or Queries(self.query)).to_json(),
+            "extracted": [asdict(e) for e in self.extracted],
         }
 
 
@@ -217,6 +243,12 @@ class Prepared:
     query: str
     sources: list[Source]
     messages: list[dict[str, Any]]
+    retrieval: Queries | None = None
+    """Every query retrieval used (the query alone when None)."""
+
+    @property
+    def queries(self) -> list[str]:
+        return self.retrieval.used if self.retrieval else [self.query]
 
     @property
     def prompt(self) -> str:
@@ -227,5 +259,47 @@ class Prepared:
 def finish(prepared: Prepared, text: str) -> Answer:
     """The model's ``text`` for ``prepared``, with every citation checked."""
     citations, uncited = verify(text, prepared.sources)
+    asked = " ".join(dict.fromkeys([prepared.question, prepared.query]))
+    extracted = [] if citations else extract(asked, prepared.sources)
     return Answer(prepared.question, prepared.query, text, prepared.sources, citations,
-                  prepared.messages, uncited)
+                  prepared.messages, uncited, prepared.retrieval, extracted)
+
+
+def extract(question: str, sources: list[Source],
+            passages: int = EXTRACT_PASSAGES) -> list[Extract]:
+    """The sentence of each of the first ``passages`` sources that shares the
+    most content words with ``question`` (the first such on a tie); a source
+    with no sentence sharing any is skipped. Headings are not sentences."""
+    wanted = set(content_words(question))
+    found = []
+    for source in sources[:passages]:
+        best, best_score = None, 0
+        for start, end in _sentences(source.text):
+            score = len(wanted & set(content_words(source.text[start:end])))
+            if score > best_score:
+                best, best_score = (start, end), score
+        if best is not None:
+            a, b = best
+            found.append(Extract(source.number, source.text[a:b], source.start + a,
+                                 source.start + b))
+    return found
+
+
+def _sentences(text: str) -> list[tuple[int, int]]:
+    """Spans of the sentences of ``text``, whitespace trimmed, headings
+    (Markdown ``#`` lines) and list markers left out."""
+    spans = []
+    start = 0
+    for match in [*_SENTENCE_BREAK.finditer(text), None]:
+        end = match.end() if match else len(text)
+        piece = text[start:end]
+        start = end
+        lead = len(piece) - len(piece.lstrip())
+        body = piece.strip()
+        if not body or body.startswith("#"):
+            continue
+        marker = re.match(r"(?:[-*+]|\d+[.)])\s+", body)
+        skip = marker.end() if marker else 0
+        a = end - len(piece) + lead + skip
+        spans.append((a, a + len(body) - skip))
+    return spans

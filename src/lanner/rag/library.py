@@ -26,7 +26,7 @@ from lanner.errors import ContextLengthExceeded, InvalidRequest
 from lanner.rag.answer import Answer, Prepared, Source, build_messages, finish
 from lanner.rag.embed import Embedder, open_embedder
 from lanner.rag.ingest import IngestReport, Progress, ingest
-from lanner.rag.rewrite import rewrite_query
+from lanner.rag.rewrite import Queries, ask_rewriter, follow_up_queries
 from lanner.rag.search import Hit, Mode, search
 from lanner.rag.store import DEFAULT_COLLECTION, DocumentStore, no_such_collection, open_store
 
@@ -96,21 +96,36 @@ class Library:
 
     # -- questions -----------------------------------------------------------------------
 
-    def search(self, query: str, collection: str = DEFAULT_COLLECTION, *, k: int = 5,
-               mode: Mode = "hybrid") -> list[Hit]:
+    def search(self, query: str | Sequence[str], collection: str = DEFAULT_COLLECTION, *,
+               k: int = 5, mode: Mode = "hybrid") -> list[Hit]:
+        """The ``k`` best chunks for ``query``; several queries are fused by RRF."""
         return search(self.store, self.embedder_for(collection), collection, query,
                       k=k, mode=mode)
+
+    def known_words(self, collection: str, words: Sequence[str]) -> set[str]:
+        """Those of ``words`` that the keyword index of ``collection`` matches."""
+        return {w for w in words if self.store.keyword_search(collection, [w], 1)}
+
+    def queries(self, model: Model, question: str, collection: str = DEFAULT_COLLECTION,
+                history: Sequence[dict[str, Any]] = ()) -> Queries:
+        """What to search for ``question``: for a follow-up (``history`` has an
+        earlier question) the model's rewrite, if it passes its check, the
+        follow-up as typed and the previous question (see ``rewrite``)."""
+        reply = ask_rewriter(model, history, question)
+        return follow_up_queries(reply, question, history,
+                                 lambda words: self.known_words(collection, words))
 
     def prepare(self, model: Model, question: str, collection: str = DEFAULT_COLLECTION, *,
                 k: int = 5, mode: Mode = "hybrid", history: Sequence[dict[str, Any]] = (),
                 system: str | None = None, **sampling: Any) -> Prepared:
-        """Rewrite a follow-up (when ``history`` has an earlier question),
-        retrieve ``k`` passages and build the messages; passages are dropped
-        from the end until the prompt and ``max_tokens`` fit the context."""
+        """Retrieve ``k`` passages for the question's queries (see ``queries``),
+        fused, and build the messages; passages are dropped from the end until
+        the prompt and ``max_tokens`` fit the context."""
         if not question.strip():
             raise InvalidRequest("question", "must not be empty")
-        query = rewrite_query(model, history, question)
-        hits = self.search(query, collection, k=k, mode=mode)
+        self.embedder_for(collection)  # an unknown collection fails before the rewriter runs
+        queries = self.queries(model, question, collection, history)
+        hits = self.search(queries.used, collection, k=k, mode=mode)
         sources = [Source.from_hit(i, hit) for i, hit in enumerate(hits, 1)]
         head = [m for m in history if system is None or m.get("role") != "system"]
         while True:
@@ -122,7 +137,7 @@ class Library:
                     raise
                 sources = sources[:-1]
                 continue
-            return Prepared(question, query, sources, messages)
+            return Prepared(question, queries.primary, sources, messages, queries)
 
     def answer(self, model: Model, question: str, collection: str = DEFAULT_COLLECTION, *,
                k: int = 5, mode: Mode = "hybrid", history: Sequence[dict[str, Any]] = (),

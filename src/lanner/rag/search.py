@@ -30,9 +30,11 @@ CANDIDATES = 50
 class Hit:
     chunk: StoredChunk
     score: float
-    """RRF score (hybrid), cosine similarity (vector) or relevance (keyword)."""
+    """RRF score (hybrid, or several queries), cosine similarity (vector) or
+    relevance (keyword)."""
     vector_rank: int | None = None
-    """1-based rank in the vector results, None if not among them."""
+    """1-based rank in the vector results (the best over several queries),
+    None if not among them."""
     keyword_rank: int | None = None
 
 
@@ -46,30 +48,47 @@ def rrf(rankings: Sequence[Sequence[int]], k: int = RRF_K) -> list[tuple[int, fl
     return sorted(scores.items(), key=lambda pair: -pair[1])
 
 
-def search(store: DocumentStore, embedder: Embedder, collection: str, query: str, *,
-           k: int = 5, mode: Mode = "hybrid", candidates: int = CANDIDATES) -> list[Hit]:
-    """The ``k`` best chunks of ``collection`` for ``query``."""
+def search(store: DocumentStore, embedder: Embedder, collection: str,
+           query: str | Sequence[str], *, k: int = 5, mode: Mode = "hybrid",
+           candidates: int = CANDIDATES) -> list[Hit]:
+    """The ``k`` best chunks of ``collection`` for ``query``. Several queries
+    (a follow-up, its rewrite, the previous question) are each searched and
+    all their rankings fused by RRF, all weighing the same; the ranks kept
+    in a hit are its best."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise InvalidRequest("k", f"must be a positive integer, got {k!r}")
     if mode not in MODES:
         raise InvalidRequest("mode", f"must be one of {', '.join(MODES)}, got {mode!r}")
-    depth = max(k, candidates) if mode == "hybrid" else k
-    vector = keyword = []
+    queries = [query] if isinstance(query, str) else list(query)
+    if not queries:
+        raise InvalidRequest("query", "needs at least one query")
+    fusing = mode == "hybrid" or len(queries) > 1
+    depth = max(k, candidates) if fusing else k
+    vectors: list[list[tuple[int, float]]] = []
+    keywords: list[list[tuple[int, float]]] = []
     if mode in ("hybrid", "vector"):
-        vector = store.vector_search(collection, embedder.embed([query])[0], depth)
+        vectors = [store.vector_search(collection, v, depth) for v in embedder.embed(queries)]
     if mode in ("hybrid", "keyword"):
-        keyword = store.keyword_search(collection, keyword_terms(query), depth)
-    if mode == "hybrid":
-        fused = rrf([[i for i, _ in vector], [i for i, _ in keyword]])[:k]
+        keywords = [store.keyword_search(collection, keyword_terms(q), depth) for q in queries]
+    if fusing:
+        ranked = rrf([[i for i, _ in ranking] for ranking in [*vectors, *keywords]])[:k]
     else:
-        fused = (vector or keyword)[:k]
-    return _hits(store, fused, vector, keyword)
+        ranked = (vectors or keywords)[0][:k]
+    return _hits(store, ranked, vectors, keywords)
 
 
 def _hits(store: DocumentStore, ranked: list[tuple[int, float]],
-          vector: list[tuple[int, float]], keyword: list[tuple[int, float]]) -> list[Hit]:
-    vrank = {cid: r for r, (cid, _) in enumerate(vector, 1)}
-    krank = {cid: r for r, (cid, _) in enumerate(keyword, 1)}
+          vectors: list[list[tuple[int, float]]],
+          keywords: list[list[tuple[int, float]]]) -> list[Hit]:
+    vrank, krank = _best_ranks(vectors), _best_ranks(keywords)
     chunks = {c.id: c for c in store.get_chunks([cid for cid, _ in ranked])}
     return [Hit(chunks[cid], score, vrank.get(cid), krank.get(cid))
             for cid, score in ranked if cid in chunks]
+
+
+def _best_ranks(rankings: list[list[tuple[int, float]]]) -> dict[int, int]:
+    best: dict[int, int] = {}
+    for ranking in rankings:
+        for rank, (cid, _) in enumerate(ranking, 1):
+            best[cid] = min(rank, best.get(cid, rank))
+    return best
