@@ -22,7 +22,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from lanner.backends import hf_sampling, rope
+from lanner.backends import hf_quant, hf_sampling, rope
 from lanner.backends.base import ModelMetadata
 from lanner.backends.gguf_convert import converted_folder, read_manifest
 from lanner.backends.hf_adapters import Adapters, chat_template
@@ -82,6 +82,7 @@ class TransformersBackend:
         n_seq_max: int = _DEFAULT_SLOTS,
         rope_scaling: str | None = None,
         rope_factor: float | None = None,
+        quant: str | None = None,
     ) -> None:
         path = Path(path).expanduser()
         self.device = _resolve_device(device)
@@ -91,8 +92,9 @@ class TransformersBackend:
         self.folder = _model_folder(path, cache_dir)
         scaled = rope.hf_config(self.folder, rope_scaling, rope_factor, n_ctx)
         self.rope_scaling = scaled[1] if scaled else None
+        self.quant = quant  # --quant int8|int4: see hf_quant
         self.model, self.tokenizer = _load(self.folder, self.dtype, self.device,
-                                           scaled[0] if scaled else None)
+                                           scaled[0] if scaled else None, quant)
         config = self.model.config.get_text_config()
         n_ctx_train = (self.rope_scaling.original_context if self.rope_scaling
                        else _trained_context(config))
@@ -120,7 +122,7 @@ class TransformersBackend:
             template = template.get("default")
         extra: dict[str, object] = {
             "path": str(self.folder), "dtype": str(self.dtype).removeprefix("torch."),
-            "device": str(self.device),
+            "device": str(self.device), "quant": hf_quant.describe(self.quant, self.device),
         }
         manifest = read_manifest(self.folder)
         if manifest:
@@ -651,9 +653,11 @@ def _model_folder(path: Path, cache_dir: Path | None) -> Path:
 
 
 def _load(folder: Path, dtype: torch.dtype, device: torch.device,
-          config: Any = None) -> tuple[Any, Any]:
-    """Tokenizer and model; ``config`` replaces the folder's (RoPE scaling)."""
+          config: Any = None, quant: str | None = None) -> tuple[Any, Any]:
+    """Tokenizer and model; ``config`` replaces the folder's (RoPE scaling);
+    ``quant`` loads it quantised (``hf_quant``, which raises first if it cannot)."""
     extra = {} if config is None else {"config": config}
+    extra.update(hf_quant.load_options(folder, quant, device, dtype))
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(
@@ -664,8 +668,7 @@ def _load(folder: Path, dtype: torch.dtype, device: torch.device,
     except Exception as exc:
         lines = str(exc).strip().splitlines() or [type(exc).__name__]
         raise ModelLoadError(f"{folder}: cannot load: {lines[0]}") from exc
-    model.eval()
-    return model, tokenizer
+    return hf_quant.after_load(model.eval(), quant, device), tokenizer
 
 
 def _trained_context(config: Any) -> int:
