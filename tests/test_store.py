@@ -144,6 +144,15 @@ def test_log_and_turns_round_trip(store: Store) -> None:
     assert back.sampling == {"temperature": 0.7, "top_p": 0.9, "seed": 1234, "stop": ["\n\n"]}
     assert (back.model_sha256, back.chat_format_hash, back.seed) == (SHA, TEMPLATE_SHA, 1234)
     assert back.created_at == turn.created_at and back.created_at.endswith("+00:00")
+    assert back.citations is None
+
+
+def test_a_documents_answer_keeps_its_citations(store: Store) -> None:
+    citations = {"sources": [{"number": 1, "path": "/d/a.txt", "start": 0, "end": 9,
+                              "text": "Built 1871"}],
+                 "citations": [{"number": 1, "verified": True, "marker": [12, 15]}]}
+    store.log(make_turn(store.new_conversation("smollm2"), citations=citations))
+    assert store.turns()[0].citations == citations
 
 
 def test_turns_gives_the_latest_oldest_first_and_filters(store: Store) -> None:

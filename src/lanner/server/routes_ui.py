@@ -7,7 +7,8 @@ OpenAI API has no place for:
 - ``POST /v1/lanner/conversations``: a new conversation id, to pass as
   ``conversation_id`` on chat completions (each answer is then logged there);
 - ``GET /v1/lanner/conversations`` and ``/{id}``: the log's conversations and
-  one as chat messages, to reopen it.
+  one as chat messages, to reopen it (a documents answer's message carries its
+  ``citations``, as logged).
 """
 
 from __future__ import annotations
@@ -93,6 +94,19 @@ async def conversations(http: Request, limit: int = Query(50, ge=1, le=500)) -> 
 
 @router.get("/v1/lanner/conversations/{conversation_id}")
 async def conversation(conversation_id: str, http: Request) -> dict[str, Any]:
-    """One conversation as chat messages (system first, if it had one); 400 if unknown."""
-    messages = await _in_store(http, lambda store: store.conversation_messages(conversation_id))
+    """One conversation as chat messages (system first, if it had one); 400 if
+    unknown. An assistant message answered from documents has ``citations``."""
+
+    def read(store: Store) -> list[dict[str, Any]]:
+        messages: list[dict[str, Any]] = list(store.conversation_messages(conversation_id))
+        turns = [t for t in store.turns(limit=None, conversation_id=conversation_id)
+                 if t.parent_id is None]
+        answers = [m for m in messages if m["role"] == "assistant"]
+        # not strict: a turn logged between the two reads is the last, unpaired
+        for message, turn in zip(answers, turns, strict=False):
+            if turn.citations is not None:
+                message["citations"] = turn.citations
+        return messages
+
+    messages = await _in_store(http, read)
     return {"id": conversation_id, "object": "lanner.conversation", "messages": messages}

@@ -68,10 +68,13 @@ class Turn:
     model_settings: dict[str, object] = field(default_factory=dict)
     """How the model was loaded where it changes the numbers: ``n_ctx`` and
     ``rope_scaling`` (see ``lanner.backends.rope.settings``)."""
+    citations: dict[str, object] | None = None
+    """A documents answer's sources and checked citations (``Answer.to_json``);
+    None for every other answer."""
 
 
 # Column order of ``responses`` minus ``id``; JSON columns carry a ``_json`` suffix.
-_JSON_FIELDS = ("messages", "sampling", "model_settings")
+_JSON_FIELDS = ("messages", "sampling", "model_settings", "citations")
 COLUMNS: tuple[str, ...] = tuple(
     f"{f.name}_json" if f.name in _JSON_FIELDS else f.name
     for f in fields(Turn)

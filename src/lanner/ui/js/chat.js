@@ -3,7 +3,7 @@
 // conversations from the log, and the context gauge.
 
 import { api, stream } from "./api.js";
-import { citationHook } from "./citations.js";
+import { citationHook, extractedNote } from "./citations.js";
 import { h, render } from "./markdown.js";
 import { tokenView } from "./tokens.js";
 
@@ -37,6 +37,8 @@ function showAnswer(text, { model, tokens = [], citations = null, meta = "" } = 
   const { el, body } = bubble("assistant", model || "Assistant");
   const markdown = () => body.replaceChildren(render(text, citations ? citationHook(citations) : null));
   markdown();
+  const extracted = citations && extractedNote(citations);
+  if (extracted) el.append(extracted);
   const footer = h("div", { class: "meta" }, meta);
   if (tokens.length) {
     const toggle = h("button", { type: "button", class: "secondary", "aria-pressed": "false" },
@@ -172,10 +174,11 @@ async function openConversation(id) {
   localStorage.setItem(SAVED, id);
   const system = messages.find((m) => m.role === "system");
   $("system").value = system ? system.content : "";
-  chat.messages = messages.filter((m) => m.role !== "system");
+  const thread = messages.filter((m) => m.role !== "system");
+  chat.messages = thread.map(({ role, content }) => ({ role, content }));
   $("thread").replaceChildren();
-  for (const m of chat.messages) {
-    if (m.role === "user") showUser(m.content); else showAnswer(m.content);
+  for (const m of thread) {
+    if (m.role === "user") showUser(m.content); else showAnswer(m.content, { citations: m.citations });
   }
   markCurrent();
   scroll();
