@@ -39,6 +39,9 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                    "quarter of RAM, at most 4 GiB). Default: unified; serve: auto")
     g.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
                    help="weights dtype (transformers backend)")
+    g.add_argument("--quant", choices=("int8", "int4"),
+                   help="load the weights quantised (transformers backend, then the default): "
+                   "bitsandbytes int8/int4 on a CUDA GPU; refused on a CPU")
     g.add_argument("--adapter", metavar="PATH",
                    help="a LoRA adapter folder (peft format, e.g. from lanner tune) loaded on "
                    "top of the model; runs on the transformers backend")
@@ -96,7 +99,7 @@ def load_model(args: argparse.Namespace, name: str | None) -> Model:
 
     options = {"n_ctx": args.n_ctx, "dtype": args.dtype, "kv": args.kv,
                "adapter": args.adapter, "rope_scaling": args.rope_scaling,
-               "rope_factor": args.rope_factor}
+               "rope_factor": args.rope_factor, "quant": args.quant}
     engine = Engine(args.home)
     licence_notice(engine.home, name or DEFAULT_MODEL)
     return engine.load(name or DEFAULT_MODEL, backend=args.backend,

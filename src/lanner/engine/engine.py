@@ -39,6 +39,9 @@ def open_backend(spec: ModelSpec, backend: str | None = None, **options: Any) ->
     if name == "llama.cpp" and options.get("adapter") is not None:
         raise InvalidRequest("adapter", "the llama.cpp backend cannot load a peft adapter; "
                              "use --backend transformers (the default with --adapter)")
+    if name == "llama.cpp" and options.get("quant") is not None:
+        raise InvalidRequest("quant", "the llama.cpp backend runs a GGUF's own quantisation; "
+                             "--quant is for --backend transformers (the default with --quant)")
     module_name, cls_name = BACKENDS[name].split(":")
     try:
         module = importlib.import_module(module_name)
@@ -98,8 +101,10 @@ class Engine:
         **backend_options: Any,
     ) -> Model:
         """A loaded model, reused if the same one was loaded before. With an
-        ``adapter`` option the default backend is transformers (GGUF included)."""
-        if backend is None and backend_options.get("adapter") is not None:
+        ``adapter`` or ``quant`` option the default backend is transformers
+        (GGUF included)."""
+        wants_hf = any(backend_options.get(k) is not None for k in ("adapter", "quant"))
+        if backend is None and wants_hf and resolve(name, self.home).format != "remote":
             backend = "transformers"
         spec = prepare(resolve(name, self.home), backend, self.home)
         if (backend or spec.backend) == "transformers" and spec.format == "gguf":
