@@ -47,3 +47,14 @@ export function citationHook(citations) {
     return out;
   };
 }
+
+/** For an answer that cites nothing: the best-matching sentence of each top
+ *  passage, copied from the documents (``citations.extracted``), or null. */
+export function extractedNote(citations) {
+  if (!citations?.extracted?.length) return null;
+  const hook = citationHook(citations);
+  return h("div", { class: "extracted" },
+    h("p", {}, "The answer cites no passage. What the top passages say "
+      + "(extracted from the documents, not written by the model):"),
+    h("ul", {}, citations.extracted.map((e) => h("li", {}, hook(`[${e.number}]`), " ", h("q", {}, e.text)))));
+}
