@@ -45,16 +45,17 @@ def prequantised(folder: Path, tmp_path: Path, method: str) -> Path:
     return out
 
 
-def test_int4_on_cpu_is_refused_before_loading(llama_dir: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_quant_on_cpu_is_refused_before_loading(llama_dir: Path, quant: str,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
     def no_loading(*args: object, **kwargs: object) -> None:
         raise AssertionError("weights were loaded")
 
     monkeypatch.setattr("lanner.backends.transformers.AutoModelForCausalLM.from_pretrained",
                         no_loading)
-    with pytest.raises(InvalidRequest, match="quant: int4 loading needs a CUDA GPU with "
-                       "bitsandbytes, and this runs on cpu; on a CPU use"):
-        TransformersBackend(llama_dir, device="cpu", quant="int4")
+    with pytest.raises(InvalidRequest, match=f"quant: {quant} loading needs a CUDA GPU with "
+                       "bitsandbytes, and this runs on cpu; on a CPU use a quantised GGUF"):
+        TransformersBackend(llama_dir, device="cpu", quant=quant)
 
 
 def test_unknown_quant_names_the_choices(llama_dir: Path) -> None:

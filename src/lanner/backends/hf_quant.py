@@ -7,14 +7,14 @@ AWQ-quantised say so in config.json (``quantization_config``); transformers
 loads them where their kernels' library and CUDA are present, and this module
 checks both before any weights are read.
 
-On a CPU there is no bitsandbytes path. ``int8`` there is PyTorch's dynamic
-quantisation of the linear layers (int8 weights, activations quantised per
-batch): kept because it measured faster on the bundled model (see
-docs/benchmarks.md, ``benchmarks/quantised_loading.py --cpu``); ``int4`` is
-an error that says what to use instead.
+On a CPU there is no bitsandbytes path, and both are an error that says what
+to use instead (a GGUF quantisation with llama.cpp). PyTorch's dynamic int8
+of the linear layers was measured on the bundled model and dropped: no faster
+through this backend, and far from the float32 outputs (docs/benchmarks.md,
+``benchmarks/quantised_loading.py --cpu-dynamic``).
 
-``load_options`` gives the extra ``from_pretrained`` arguments (raising the
-clear error first); ``after_load`` applies what happens after loading.
+``load_options`` gives the extra ``from_pretrained`` arguments, raising the
+clear error before any weights are read.
 """
 
 from __future__ import annotations
@@ -47,11 +47,10 @@ def load_options(folder: Path, quant: str | None, device: torch.device,
     if quant not in QUANTS:
         raise InvalidRequest("quant", f"must be one of {', '.join(QUANTS)}; got {quant!r}")
     if device.type != "cuda":
-        if quant == "int8":
-            return {}  # dynamic quantisation after loading (after_load)
-        raise InvalidRequest("quant", "int4 loading needs a CUDA GPU with bitsandbytes, and "
-                             f"this runs on {device.type}; on a CPU use --quant int8 (dynamic "
-                             "int8) or a 4-bit GGUF with the llama.cpp backend")
+        raise InvalidRequest("quant", f"{quant} loading needs a CUDA GPU with bitsandbytes, "
+                             f"and this runs on {device.type}; on a CPU use a quantised GGUF "
+                             "with the llama.cpp backend (Q8_0 for 8 bits, Q4_K_M for 4; "
+                             "`lanner fit MODEL --quant q4_k_m` sizes it)")
     if importlib.util.find_spec("bitsandbytes") is None:
         raise BackendUnavailable(f"--quant {quant} on a GPU needs the bitsandbytes package "
                                  "(pip install bitsandbytes)")
@@ -64,20 +63,11 @@ def load_options(folder: Path, quant: str | None, device: torch.device,
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)}
 
 
-def after_load(model: Any, quant: str | None, device: torch.device) -> Any:
-    """The loaded model, with the CPU's dynamic int8 applied where asked."""
-    if quant != "int8" or device.type == "cuda":
-        return model
-    return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
-
-
 def describe(quant: str | None, device: torch.device) -> str | None:
     """What ran, for the model's metadata (and so the log)."""
     if quant is None:
         return None
-    if device.type == "cuda":
-        return f"bitsandbytes {'LLM.int8()' if quant == 'int8' else 'nf4'}"
-    return "torch dynamic int8 (linear layers)"
+    return f"bitsandbytes {'LLM.int8()' if quant == 'int8' else 'nf4'}"
 
 
 def check_prequantised(folder: Path, device: torch.device) -> None:

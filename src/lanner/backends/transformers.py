@@ -668,7 +668,8 @@ def _load(folder: Path, dtype: torch.dtype, device: torch.device,
     except Exception as exc:
         lines = str(exc).strip().splitlines() or [type(exc).__name__]
         raise ModelLoadError(f"{folder}: cannot load: {lines[0]}") from exc
-    return hf_quant.after_load(model.eval(), quant, device), tokenizer
+    model.eval()
+    return model, tokenizer
 
 
 def _trained_context(config: Any) -> int:
