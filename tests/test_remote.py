@@ -141,6 +141,20 @@ def test_loglikelihood_through_echo_matches_the_local_model(
         assert got < 0
 
 
+def test_multiple_choice_eval_through_a_remote_matches_local(
+        upstream: LiveServer, lanner_home: Path) -> None:
+    from lanner.evals import runner
+    from lanner.evals.taskfile import load_task
+
+    add(lanner_home, "tiny", upstream.url, "--model", "tinycoder")
+    task = load_task(Path(__file__).parent / "data" / "evals" / "mc_tiny.yaml")
+    remote = runner.evaluate(Engine(lanner_home).load("tiny"), task, limit=3)
+    local = runner.evaluate(Engine(lanner_home).load("tinycoder"), task, limit=3)
+    assert [i.scores for i in remote.items] == [i.scores for i in local.items]
+    assert {k: m.value for k, m in remote.metrics.items()} == \
+        {k: m.value for k, m in local.metrics.items()}
+
+
 def test_serve_proxies_a_remote_engine(upstream: LiveServer, lanner_home: Path) -> None:
     add(lanner_home, "up", upstream.url, "--model", "fake")
     engine = Engine(lanner_home)

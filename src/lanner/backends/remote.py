@@ -145,6 +145,8 @@ def window_of(card: dict[str, Any]) -> int | None:
 
 class RemoteBackend:
     name = "remote"
+    n_seq_max = 8
+    """Requests an evaluation sends at once: the server does the batching."""
 
     def __init__(self, config: RemoteConfig, home: Path, *, n_ctx: int | None = None,
                  transport: httpx.BaseTransport | None = None,
@@ -304,7 +306,7 @@ class RemoteBackend:
         if not all(isinstance(lp.get(k), list) for k in needed):
             raise NotSupported(self._no_scoring("its answer has no prompt tokens with "
                                                 "logprobs and text offsets"))
-        return _score_span(lp, len(context), len(text), self._no_scoring)
+        return _score_span(lp, text, len(context), len(text), self._no_scoring)
 
     def _no_scoring(self, why: str) -> str:
         return (f"remote {self.config.name} cannot score loglikelihoods: {why}. Scoring needs "
@@ -388,14 +390,31 @@ def _response_format(request: Request, chat: bool) -> dict[str, Any]:
                             "strict": True}}
 
 
-def _score_span(lp: dict[str, Any], start: int, end: int,
+def _offsets(lp: dict[str, Any], text: str) -> list[int]:
+    """Where each echoed token starts in ``text``. From the tokens themselves
+    when they spell the text (after a leading space some servers add with a
+    SentencePiece tokenizer, which shifts their ``text_offset`` by one), else
+    the server's ``text_offset``."""
+    tokens = [t if isinstance(t, str) else "" for t in lp["tokens"]]
+    joined = "".join(tokens)
+    lead = joined.find(text) if text else -1
+    if lead < 0 or joined[:lead].strip():
+        return [int(o) for o in lp["text_offset"]]
+    out, at = [], -lead
+    for token in tokens:
+        out.append(max(at, 0))
+        at += len(token)
+    return out
+
+
+def _score_span(lp: dict[str, Any], text: str, start: int, end: int,
                 why: Any) -> tuple[float, bool]:
     """Sum the logprobs of the echoed tokens that start in [start, end) of the
     prompt text; greedy when each was its position's most likely token."""
     total, greedy, seen = 0.0, True, False
     tops = lp.get("top_logprobs") or [None] * len(lp["tokens"])
-    for _token, logprob, offset, top in zip(lp["tokens"], lp["token_logprobs"],
-                                           lp["text_offset"], tops, strict=False):
+    for logprob, offset, top in zip(lp["token_logprobs"], _offsets(lp, text), tops,
+                                    strict=False):
         if offset >= end:
             break  # the generated token (max_tokens 1) and beyond
         if offset < start:
