@@ -325,3 +325,20 @@ def test_characters_are_the_token_ids(lanner_home: Path) -> None:
     with pytest.raises(LannerError, match="token id 55296 is not a character"):
         backend.detokenize([0xD800])
     assert math.isfinite(backend.n_ctx)
+
+
+def test_models_fit_and_info_know_a_remote(lanner_home: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    home = ["--home", str(lanner_home)]
+    add(lanner_home, "falcon", "http://127.0.0.1:9", "--no-check",
+        "--model", "tiiuae/falcon-7b-instruct")
+    add(lanner_home, "odd", "http://127.0.0.1:9", "--no-check", "--model", "m")
+    capsys.readouterr()
+    assert main([*home, "models"]) == 0
+    assert "tiiuae/falcon-7b-instruct at http://127.0.0.1:9/v1" in capsys.readouterr().out
+    # Planned as the catalog entry of the model it serves.
+    assert main([*home, "fit", "falcon", "--gpu", "24GB"]) == 0
+    assert "7.22B parameters" in capsys.readouterr().out
+    assert main([*home, "info", "odd"]) == 1
+    assert "odd is a remote engine serving 'm', which the catalog does not know" in \
+        capsys.readouterr().err

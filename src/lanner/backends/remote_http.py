@@ -87,7 +87,7 @@ class RemoteClient:
                 response = self._http.send(request, stream=True)
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                 if last:
-                    raise RemoteError(f"cannot reach {self.label} at {self.base_url}: "
+                    raise RemoteError(f"cannot reach {self.label}: "
                                       f"{exc or type(exc).__name__}") from exc
                 self._sleep(self._backoff(attempt, None))
                 continue

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lanner.catalog import planner
-from lanner.catalog.entries import CatalogEntry, get
+from lanner.catalog.entries import CatalogEntry, find, get
 from lanner.catalog.local import LocalModel, describe
 from lanner.catalog.planner import Architecture, Budget, Plan
 from lanner.errors import CatalogError, InvalidRequest, ModelNotFound
@@ -52,11 +52,15 @@ class FitReport:
 
 def subject(name: str, home: Path) -> Subject:
     """A local model by name or path if there is one, else the catalog entry
-    by name or Hub id; ModelNotFound if neither."""
+    by name or Hub id; ModelNotFound if neither. A remote engine is planned
+    as the catalog entry of the model id it serves, if the catalog has one."""
     from lanner.engine.registry import resolve
 
     try:
-        local = describe(resolve(name, home), home)
+        spec = resolve(name, home)
+        if spec.remote is not None:
+            return _remote_subject(name, str(spec.remote.get("model") or ""))
+        local = describe(spec, home)
     except ModelNotFound as local_error:
         try:
             entry = get(name)
@@ -64,6 +68,15 @@ def subject(name: str, home: Path) -> Subject:
             raise ModelNotFound(f"{local_error}; and {catalog_error}") from None
         return Subject(entry.name, entry.arch, entry.parameters, "bf16", None, entry=entry)
     return _local_subject(local)
+
+
+def _remote_subject(name: str, model: str) -> Subject:
+    entry = find(model)
+    if entry is None:
+        raise CatalogError(f"{name} is a remote engine serving {model!r}, which the catalog "
+                           "does not know; its memory is the server's to plan (try `lanner "
+                           "fit` with the catalog name of its model)")
+    return Subject(entry.name, entry.arch, entry.parameters, "bf16", None, entry=entry)
 
 
 def _local_subject(local: LocalModel) -> Subject:

@@ -41,9 +41,10 @@ def run(args: argparse.Namespace) -> int:
     for s in specs:
         lic = licence_of(s, home)
         terms = f" ({'; '.join(lic.restrictions())})" if lic and lic.restrictions() else ""
-        rows.append((s.name, _size(s.size_bytes),
+        where = f"{s.remote.get('model')} at {s.remote['path']}" if s.remote else str(s.path)
+        rows.append((s.name, "-" if s.remote else _size(s.size_bytes),
                      s.format + (f" -> {s.weights}" if s.weights else ""), s.license + terms,
-                     str(s.path)))
+                     where))
     _table(rows)
     return 0
 
