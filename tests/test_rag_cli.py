@@ -148,7 +148,7 @@ def test_chat_with_a_collection_rewrites_follow_ups(
     assert lanner("chat", "--collection", "default", "-v", "--temperature", "0") == 0
     out, err = capsys.readouterr()
     assert "[retrieval query: When was the Eiffel Tower finished?]" in err
-    assert "[retrieval query: How tall is the Eiffel Tower?]" in err
+    assert "[retrieval query (rewritten): How tall is the Eiffel Tower?]" in err
     assert "It is 330 metres tall [1]." in out
     assert f"[1] {docs / 'tower.md'}, characters 0-" in err
     # The history holds what the user typed, not the passages.

@@ -12,7 +12,7 @@ from lanner.cli import options
 from lanner.cli.rag_options import MODES, add_collection_flags, open_library
 
 if TYPE_CHECKING:
-    from lanner.rag.answer import Answer
+    from lanner.rag.answer import Answer, Prepared
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,6 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--show-context", action="store_true",
                    help="print exactly what the model was given before the answer")
     p.add_argument("--json", action="store_true", help="print one JSON object for scripts")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="show every query used for retrieval")
     options.add_model_flags(p)
     options.add_sampling_flags(p)
     p.set_defaults(func=run)
@@ -48,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
                                    mode=args.mode, system=args.system, **sampling)
     finally:
         library.close()
+    if args.verbose:
+        show_queries(prepared)
     if args.show_context:
         show_context(prepared.messages)
     session = ChatSession(model, options.open_store(args), system=args.system,
@@ -58,6 +62,15 @@ def run(args: argparse.Namespace) -> int:
     else:
         print_answer(answer)
     return 0
+
+
+def show_queries(prepared: Prepared, out: TextIO | None = None) -> None:
+    """Every query retrieval searched for, and a rewrite it did not use."""
+    out = out or sys.stderr
+    lines = prepared.retrieval.describe() if prepared.retrieval else [
+        f"retrieval query: {prepared.query}"]
+    for line in lines:
+        out.write(f"[{line}]\n")
 
 
 def show_context(messages: list[dict[str, object]], out: TextIO | None = None) -> None:
@@ -88,6 +101,11 @@ def print_sources(answer: Answer, out: TextIO | None = None) -> None:
         out.write(f"  [{s.number}] {s.location}{heading} - {mark}\n")
     if not answer.citations:
         out.write("\nThe answer cites no passage: nothing in it is backed by your documents.\n")
+    if answer.extracted:
+        out.write("What the top passages say (extracted from the documents, not the "
+                  "model's words):\n")
+    for e in answer.extracted:
+        out.write(f"  [{e.number}] \"{_short(e.text, 300)}\"\n")
     if answer.flagged:
         out.write("\nUnverified citations (marked ?; do not rely on them):\n")
     for c in answer.flagged:

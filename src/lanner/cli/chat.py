@@ -36,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--collection", help="answer from this document collection, with "
                    "checked citations (see `lanner ingest`)")
     p.add_argument("-v", "--verbose", action="store_true",
-                   help="with --collection: show the standalone query used for retrieval")
+                   help="with --collection: show every query used for retrieval")
     options.add_model_flags(p)
     options.add_sampling_flags(p)
     tooling.add_tool_flags(p)
@@ -116,7 +116,7 @@ def _answer_from_documents(session: ChatSession, line: str, library: Library,
                            collection: str, verbose: bool) -> None:
     """Rewrite a follow-up into a standalone query, retrieve, answer with
     citations, then list the sources and any citation that failed its check."""
-    from lanner.cli.ask import print_sources
+    from lanner.cli.ask import print_sources, show_queries
     from lanner.rag.answer import finish
 
     history = list(session.messages)
@@ -127,7 +127,7 @@ def _answer_from_documents(session: ChatSession, line: str, library: Library,
         print(f"lanner: error: {exc}", file=sys.stderr)
         return
     if verbose:
-        print(f"[retrieval query: {prepared.query}]", file=sys.stderr)
+        show_queries(prepared, sys.stderr)
     events = session.send(prepared.prompt)
     try:
         text = render.stream_text(events, sys.stdout).text

@@ -3,11 +3,15 @@ last user message from that document collection, with every citation checked.
 
 The response is an ordinary ``chat.completion`` whose message content is the
 answer with unverified citations marked ``[n?]``, plus a ``citations`` object
-(sources with file, page and span; each citation and its check).
+(sources with file, page and span; each citation and its check; the queries
+retrieval used; for an answer that cites nothing, the best-matching sentences
+of the top passages as ``extracted``). Each answer's retrieval queries are
+logged at INFO beside uvicorn's lines.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any
 
@@ -17,6 +21,9 @@ from lanner.errors import InvalidRequest
 from lanner.rag.answer import Answer, Prepared, finish
 from lanner.rag.library import Library
 from lanner.server import protocol as p
+
+# uvicorn's own logger: `lanner serve` prints its INFO lines.
+log = logging.getLogger("uvicorn.error")
 
 
 class Documents:
@@ -47,8 +54,12 @@ class Documents:
             raise InvalidRequest("messages", "with collection, the last message must be the "
                                  "user's question")
         assert body.collection is not None  # the route calls this only with one
-        return self.library().prepare(model, question, body.collection,
-                                      k=body.passages, history=messages[:-1], **options)
+        prepared = self.library().prepare(model, question, body.collection,
+                                          k=body.passages, history=messages[:-1], **options)
+        if prepared.retrieval is not None:
+            log.info("Documents %s: %s", body.collection,
+                     "; ".join(prepared.retrieval.describe()))
+        return prepared
 
     def close(self) -> None:
         if self._library is not None:
