@@ -152,3 +152,27 @@ def test_unsupported_modules_are_refused_by_name(tmp_path: Path) -> None:
 
     with pytest.raises(BackendUnavailable, match="Dense.*--embed-runtime torch"):
         embed_onnx.OnnxSentenceModel(folder, tmp_path / "cache", quantized=False)
+
+
+def test_ingest_flag_picks_the_runtime(onnx_home: Path, tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    doc = tmp_path / "note.md"
+    doc.write_text("# Lighthouses\n\nThe keeper trimmed the wick every evening at dusk.\n")
+    env = {**os.environ, "LANNER_HOME": str(onnx_home), "LANNER_EMBED_RUNTIME": "torch"}
+    run = [sys.executable, "-m", "lanner", "ingest", str(doc), "-c", "flag", "--json",
+           "--store", str(tmp_path / "docs.db")]
+    result = subprocess.run([*run, "--embed-runtime", "onnx-fast"], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "onnx-int8" in result.stderr
+    code = ("import sys; from lanner.cli import main; import lanner.rag.embed as e; "
+            "seen = []; real = e.sentence_model; "
+            "e.sentence_model = lambda f, r, *a: seen.append(r) or real(f, r, *a); "
+            "code = main(sys.argv[1:]); print(seen, file=sys.stderr); sys.exit(code)")
+    result = subprocess.run([sys.executable, "-c", code, *run[3:], "--embed-runtime",
+                             "onnx-int8"], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["chunks"] == 1
+    assert result.stderr.strip().splitlines()[-1] == "['onnx-int8']"

@@ -75,7 +75,7 @@ def test_chat_imports_llama_cpp_and_nothing_heavy(lanner_home: Path) -> None:
 
 def test_cli_copies_of_rag_defaults_match_the_originals() -> None:
     from lanner.rag.chunking import MAX_CHARS, OVERLAP
-    from lanner.rag.embed import BATCH_SIZE
+    from lanner.rag.embed import BATCH_SIZE, RUNTIMES
     from lanner.rag.search import MODES
     from lanner.rag.store import DEFAULT_COLLECTION
 
@@ -83,3 +83,4 @@ def test_cli_copies_of_rag_defaults_match_the_originals() -> None:
     assert rag_options.MODES == MODES
     assert (rag_options.CHUNK_CHARS, rag_options.CHUNK_OVERLAP) == (MAX_CHARS, OVERLAP)
     assert rag_options.EMBED_BATCH == BATCH_SIZE
+    assert rag_options.EMBED_RUNTIMES == RUNTIMES

@@ -49,8 +49,8 @@ def run(args: argparse.Namespace) -> int:
 
     library = open_library(args)
     try:
-        embedder = open_embedder(args.embedder, batch_size=args.batch_size) \
-            if args.embedder else None
+        embedder = open_embedder(args.embedder, batch_size=args.batch_size,
+                                 runtime=args.embed_runtime) if args.embedder else None
         show = _progress if sys.stderr.isatty() and not args.json else None
         report = library.ingest(args.paths, args.collection, embedder=embedder,
                                 progress=show, max_chars=args.chunk_size,
