@@ -13,7 +13,15 @@ hours. ``--store postgresql://...`` measures PostgreSQL + pgvector instead of
 the embedded SQLite store; ``--pgserver`` starts a throw-away PostgreSQL from
 the pgserver wheel for that.
 
+``--runtimes torch onnx onnx-int8`` compares the embedding runtimes instead
+(lanner.rag.embed): per runtime, ingest chunks/s through the whole pipeline,
+``/v1/embeddings`` texts/s through the server app (batches of 32 chunks, in
+process), and recall@5 on benchmarks/rag_quality.py's questions with the
+corpus embedded by that runtime; throughput rounds alternate between the
+runtimes, so background load hits each alike, and the median counts.
+
 Usage: python benchmarks/rag_speed.py [--sizes 10000 100000] [--ingest-files 16]
+       python benchmarks/rag_speed.py --runtimes torch onnx onnx-int8 [--rounds 3] [--quick]
 """
 
 from __future__ import annotations
@@ -71,14 +79,19 @@ def percentiles(seconds: list[float]) -> tuple[float, float]:
 # -- 1. ingest ------------------------------------------------------------------------
 
 
-def ingest_speed(store: DocumentStore, copies: int, tmp: Path) -> dict[str, float]:
-    """chunks/s for ``copies`` renamed copies of the benchmark corpus."""
-    folder = tmp / "ingest"
+def corpus_copies(folder: Path, copies: int) -> Path:
+    """``copies`` renamed copies of the benchmark corpus in ``folder``."""
     folder.mkdir()
     for i in range(copies):
         for doc in CORPUS.glob("*.md"):
             # A number per copy makes every file's text (and hash) distinct.
             (folder / f"{i:03d}_{doc.name}").write_text(f"Copy {i}.\n\n{doc.read_text()}")
+    return folder
+
+
+def ingest_speed(store: DocumentStore, copies: int, tmp: Path) -> dict[str, float]:
+    """chunks/s for ``copies`` renamed copies of the benchmark corpus."""
+    folder = corpus_copies(tmp / "ingest", copies)
     library = Library(store)
     out: dict[str, float] = {}
     for name, embedder in (("null embedder", NullEmbedder()),
@@ -284,6 +297,74 @@ def embed_latency(queries: int) -> tuple[float, float]:
     return latency(lambda i: embedder.embed([texts[i % len(texts)]]), queries)
 
 
+# -- embedding runtimes ------------------------------------------------------------------
+
+
+def compare_runtimes(runtimes: Sequence[str], copies: int, rounds: int, tmp: Path) -> None:
+    """Ingest chunks/s, /v1/embeddings texts/s and recall@5 per embedding runtime."""
+    from fastapi.testclient import TestClient
+
+    from lanner.engine.engine import Engine
+    from lanner.server.app import create_app
+    from lanner.server.embedder import SentenceTransformerEmbedder
+
+    folder = corpus_copies(tmp / "runtimes", copies)
+    embedders = {r: LocalEmbedder(runtime=r) for r in runtimes}
+    servers = {r: TestClient(create_app(Engine(tmp / "home"), [], embedder=
+                                        SentenceTransformerEmbedder(runtime=r)))
+               for r in runtimes}
+    for runtime in runtimes:  # load (and export, once) before timing
+        embedders[runtime].embed(["warm up"])
+        _post_embeddings(servers[runtime], ["warm up"])
+    store = open_store(str(tmp / "runtimes.db"))
+    library = Library(store)
+    ingest: dict[str, list[float]] = {r: [] for r in runtimes}
+    served: dict[str, list[float]] = {r: [] for r in runtimes}
+    texts: list[str] = []
+    for round_ in range(rounds):
+        for runtime in runtimes:
+            collection = f"ingest-{runtime}-{round_}"
+            report = library.ingest([folder], collection, embedder=embedders[runtime])
+            ingest[runtime].append(report.chunks / report.seconds)
+            texts = texts or [c.text for c in store.get_chunks(chunk_ids(store, collection))]
+            start = time.perf_counter()
+            for i in range(0, len(texts), 32):
+                _post_embeddings(servers[runtime], texts[i:i + 32])
+            served[runtime].append(len(texts) / (time.perf_counter() - start))
+    recall = {r: _recall_at_5(embedders[r], tmp / f"quality-{r}.db") for r in runtimes}
+    store.close()
+    base = runtimes[0]
+    print(f"\nembedding runtimes ({len(texts)} chunks of up to 1,000 characters, median of "
+          f"{rounds}; ratios against {base}):")
+    print("| runtime | ingest chunks/s | /v1/embeddings texts/s | recall@5 vector | "
+          "recall@5 hybrid |")
+    print("| --- | --- | --- | --- | --- |")
+    for r in runtimes:
+        i, e = statistics.median(ingest[r]), statistics.median(served[r])
+        i0, e0 = statistics.median(ingest[base]), statistics.median(served[base])
+        print(f"| {r} | {i:.1f} ({i / i0:.2f}x) | {e:.1f} ({e / e0:.2f}x) | "
+              f"{recall[r]['vector']:.3f} | {recall[r]['hybrid']:.3f} |", flush=True)
+
+
+def _post_embeddings(client: object, texts: list[str]) -> None:
+    response = client.post("/v1/embeddings",  # type: ignore[attr-defined]
+                           json={"model": "all-MiniLM-L6-v2", "input": texts})
+    if response.status_code != 200:
+        raise SystemExit(f"/v1/embeddings answered {response.status_code}: {response.text}")
+
+
+def _recall_at_5(embedder: LocalEmbedder, location: Path) -> dict[str, float]:
+    """recall@5 per search mode on rag_quality.py's questions (its corpus, chunking)."""
+    import rag_quality  # benchmarks/ is this script's folder
+
+    questions = rag_quality.load_questions()
+    with Library.open(str(location)) as library:
+        library.use_embedder(embedder)
+        library.ingest([CORPUS], "bench", embedder=embedder)
+        results = rag_quality.evaluate(library, questions, 5)
+    return {mode: results[mode]["recall@5"] for mode in ("vector", "hybrid")}
+
+
 # -- main -----------------------------------------------------------------------------
 
 
@@ -298,7 +379,18 @@ def main() -> None:
     parser.add_argument("--store", help="postgresql:// URL (default: a temporary SQLite file)")
     parser.add_argument("--pgserver", action="store_true",
                         help="run against a throw-away PostgreSQL from the pgserver wheel")
+    parser.add_argument("--runtimes", nargs="+", metavar="RUNTIME",
+                        help="compare these embedding runtimes (torch, onnx, onnx-int8) and stop")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="with --runtimes: alternating throughput rounds (default 3)")
+    parser.add_argument("--quick", action="store_true",
+                        help="with --runtimes: 1 round over 4 copies of the corpus")
     args = parser.parse_args()
+    if args.runtimes:
+        with tempfile.TemporaryDirectory() as tmp:
+            copies = 4 if args.quick else args.ingest_files
+            compare_runtimes(args.runtimes, copies, 1 if args.quick else args.rounds, Path(tmp))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         location = args.store or str(Path(tmp) / "speed.db")
         server = None
