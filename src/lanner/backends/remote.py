@@ -60,6 +60,7 @@ DEFAULT_WINDOW = 4096
 """Tokens, when neither ``--context`` nor the server's /v1/models says."""
 MAX_STOP = 4
 """OpenAI takes at most 4 stop strings; the rest are enforced here."""
+_MESSAGE_FIELDS = frozenset({"role", "content", "name", "tool_calls", "tool_call_id"})
 _WINDOW_KEYS = ("max_model_len", "context_length", "context_window", "max_context_length",
                 "n_ctx", "n_ctx_train")
 
@@ -198,7 +199,7 @@ class RemoteBackend:
         path = "chat/completions" if chat else "completions"
         payload = self._payload(request, chat)
         if chat:
-            payload["messages"] = json.loads(text[len(CHAT_MARK):])
+            payload["messages"] = _openai_messages(json.loads(text[len(CHAT_MARK):]))
         else:
             payload["prompt"] = text
         start = time.perf_counter()
@@ -345,6 +346,12 @@ class _StreamState:
         if self.server_usage is not None:
             return self.server_usage
         return Usage(-(-self.prompt_chars // CHARS_PER_TOKEN), self.chunks)
+
+
+def _openai_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages with OpenAI's fields only: Lanner's own markers (such as the
+    tool loop's ``_results``) are refused by strict servers."""
+    return [{k: v for k, v in m.items() if k in _MESSAGE_FIELDS} for m in messages]
 
 
 def _choice_delta(choice: dict[str, Any], chat: bool) -> tuple[str, list[Token]]:
