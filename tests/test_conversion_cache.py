@@ -4,6 +4,7 @@ conversions written into the engine's own home."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -72,6 +73,24 @@ def test_prune_removes_entries_whose_source_is_gone_or_changed(tmp_path: Path) -
     assert entries(root) == sorted([k, f"{k}.f16.gguf", in_progress.name, unknown.name])
     assert {p.name for p in removed} == {keys[gone], f"{keys[gone]}.f16.gguf", keys[changed],
                                          f"{keys[changed]}.f16.gguf", old_style.name}
+
+
+def test_prune_keeps_what_a_reinstalled_source_or_an_older_manifest_still_uses(
+        tmp_path: Path) -> None:
+    root = tmp_path / "converted"
+    reinstalled, older = tmp_path / "reinstalled.gguf", tmp_path / "older.gguf"
+    reinstalled.write_bytes(b"weights one")
+    older.write_bytes(b"weights two")
+    key = conversion_cache.source_sha256(reinstalled, root)[:16]
+    (root / f"{key}.f16.gguf").write_bytes(b"re-encoded")
+    touch_later(reinstalled)  # same bytes, new mtime, not opened since
+    # A dequantised folder from before the index: only its manifest names the source.
+    legacy = root / sha256_of_file(older)[:16]
+    legacy.mkdir()
+    (legacy / gguf_convert.MANIFEST).write_text(json.dumps({"source": str(older)}))
+
+    assert conversion_cache.prune(root) == []
+    assert entries(root) == sorted([f"{key}.f16.gguf", legacy.name])
 
 
 def test_a_reinstalled_source_reuses_its_reencoding_and_an_unused_one_is_removed(

@@ -10,8 +10,8 @@ Hashing a large file on every load would cost seconds, so ``.hashes.json``
 remembers each source's hash by (resolved path, size, mtime_ns); a changed
 size or mtime means reading the file again. The same records say which entries
 are still used: after each new conversion, ``prune`` removes every entry whose
-key no existing, unchanged source has (a source updated in place, a deleted
-model, an entry written by an older Lanner), so copies do not pile up.
+key no existing source has now (a source updated in place, a deleted model, a
+re-encoding named by an older Lanner), so copies do not pile up.
 """
 
 from __future__ import annotations
@@ -52,24 +52,37 @@ def source_sha256(path: Path, root: Path) -> str:
 
 
 def prune(root: Path) -> list[Path]:
-    """Remove the entries that no recorded source still uses; returns them.
+    """Remove the entries that no source uses any more; returns them.
 
-    Records of sources that are gone or changed are dropped first (a changed
-    file is hashed again when it is next opened). Temporary and unknown files
-    are left alone.
+    The sources are the recorded ones that still exist (one whose size or mtime
+    changed, say a reinstall, is hashed again here) and, for a dequantised
+    folder, the file its manifest names (entries written before the index).
+    Temporary and unknown files are left alone.
     """
     removed = []
     with _locked(root):
         index = _read_index(root)
-        live = {k: r for k, r in index.items() if isinstance(r, dict) and _still(k, r)}
-        if live != index:
-            _write_index(root, live)
+        live: dict[str, dict[str, object]] = {}
+        for path, record in index.items():
+            now = _current(path, record)
+            if now is not None:
+                live[path] = now
         keep = {str(r["sha256"])[:KEY_HEX] for r in live.values()}
         for entry in sorted(root.iterdir()):
             key = _entry_key(entry)
-            if key is not None and key not in keep:
-                _remove(entry)
-                removed.append(entry)
+            if key is None or key in keep:
+                continue
+            source = _manifest_source(entry)
+            if source is not None and str(source) not in live:
+                record = _record(source)
+                live[str(source)] = record
+                if str(record["sha256"])[:KEY_HEX] == key:
+                    keep.add(key)
+                    continue
+            _remove(entry)
+            removed.append(entry)
+        if live != index:
+            _write_index(root, dict(live))
     return removed
 
 
@@ -96,12 +109,35 @@ def _same(record: dict[str, object], stat: os.stat_result) -> bool:
     return record.get("size") == stat.st_size and record.get("mtime_ns") == stat.st_mtime_ns
 
 
-def _still(path: str, record: dict[str, object]) -> bool:
-    """Whether the recorded source file still exists with the recorded size and mtime."""
+def _record(path: Path) -> dict[str, object]:
+    stat = path.stat()
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256_of_file(path)}
+
+
+def _current(path: str, record: object) -> dict[str, object] | None:
+    """The record of a source as it is now: unchanged, hashed again, or None if gone."""
     try:
-        return _same(record, os.stat(path))
+        stat = os.stat(path)
     except OSError:
-        return False
+        return None
+    if isinstance(record, dict) and _same(record, stat):
+        return record
+    try:
+        return _record(Path(path))
+    except OSError:
+        return None
+
+
+def _manifest_source(entry: Path) -> Path | None:
+    """The existing source file a dequantised folder's manifest names, if any."""
+    if not entry.is_dir():
+        return None
+    try:
+        data = json.loads((entry / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    source = Path(str(data.get("source", ""))) if isinstance(data, dict) else None
+    return source if source is not None and source.is_file() else None
 
 
 def _read_index(root: Path) -> dict[str, object]:
