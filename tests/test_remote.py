@@ -171,6 +171,18 @@ def test_run_verb_uses_a_remote_engine(upstream: LiveServer, lanner_home: Path,
     assert "you said: ko" in capsys.readouterr().out
 
 
+def test_compare_puts_a_prompt_to_remotes(upstream: LiveServer, lanner_home: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    add(lanner_home, "a", upstream.url, "--model", "fake")
+    add(lanner_home, "b", upstream.url, "--model", "fake")
+    capsys.readouterr()
+    assert main(["--home", str(lanner_home), "compare", "-m", "a", "-m", "b", "hello",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    texts = json.dumps(out)
+    assert texts.count("you said: olleh") == 2, out
+
+
 # -- scripted edges -------------------------------------------------------------
 
 
