@@ -7,8 +7,8 @@ with bfloat16 in one run:
 
 - closeness: mean KL(bf16 || quantised) of the next-token distributions over a
   fixed text, top-1 agreement, and greedy answers identical to bf16's;
-- memory: weights in GPU memory after loading (``torch.cuda.memory_allocated``)
-  and the peak during generation;
+- memory: what loading added to GPU memory (``torch.cuda.memory_allocated``;
+  the variants stay loaded side by side, so each is measured alone);
 - speed: greedy tokens/s through ``backend.stream``.
 
 Without CUDA it exits with status 2 and says what it needs (``--quant`` is
@@ -136,8 +136,6 @@ def run(model: str, variants: list[tuple[str, dict[str, Any]]], prompts: list[st
         result["same_answers"] = sum(a == b for a, b in zip(result["answers"],
                                                             results[0]["answers"], strict=True))
         result["prompts"] = len(prompts)
-        if gpu:
-            result["peak_mb"] = round(torch.cuda.max_memory_allocated() / 1e6, 1)
     for r in results:
         r["speed_vs_first"] = round(r["tok_s"] / results[0]["tok_s"], 3)
     return results
