@@ -108,3 +108,14 @@ def test_cli_quant_int4_on_cpu_exits_with_the_message(
                  "--max-tokens", "2"])
     assert code == 2
     assert "int4 loading needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_the_gpu_benchmark_says_what_it_needs_on_a_cpu() -> None:
+    import subprocess
+    import sys
+
+    script = Path(__file__).parents[1] / "benchmarks" / "quantised_loading.py"
+    done = subprocess.run([sys.executable, str(script), "--quick"], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 2
+    assert "needs an NVIDIA GPU with CUDA and bitsandbytes" in done.stderr
