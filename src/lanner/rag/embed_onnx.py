@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import sys
 import threading
 import warnings
 from collections.abc import Sequence
@@ -202,6 +204,9 @@ def exported(folder: Path, cache_root: Path, *, quantized: bool) -> Path:
     """The folder's encoder as ONNX (int8 if ``quantized``), exported on first use."""
     where = cache_root / content_key(folder)
     fp32, int8 = where / "model.onnx", where / "model.int8.onnx"
+    if not fp32.exists() or (quantized and not int8.exists()):
+        print(f"Exporting the embedding model {folder.name} to ONNX (once; kept in {where})",
+              file=sys.stderr)
     if not fp32.exists():
         _export(folder, fp32)
     if quantized and not int8.exists():
@@ -250,6 +255,9 @@ def _quantize(fp32: Path, dest: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     tmp = dest.with_suffix(f".partial-{os.getpid()}.onnx")
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # quantize_dynamic's advice to pre-process, on the root logger
     try:
         # int8 weights per output channel; activations as uint8, quantised per
         # batch (VNNI's u8 x s8 dot products). MatMul only: quantising the
@@ -258,4 +266,5 @@ def _quantize(fp32: Path, dest: Path) -> None:
                          weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
         tmp.replace(dest)
     finally:
+        root.setLevel(level)
         tmp.unlink(missing_ok=True)
