@@ -10,7 +10,8 @@ chunks with exact character spans), ``embed`` (sentence-transformers or a
 remote ``/v1/embeddings``), ``store_sqlite`` / ``store_pg`` (the two stores),
 ``terms`` (the keyword index's words, the same on both stores), ``search``
 (vector, keyword, hybrid by reciprocal rank fusion), ``rewrite``
-(follow-up -> standalone query), ``answer`` (prompt and citation checks),
+(follow-up -> checked rewrite, follow-up and previous question, fused),
+``answer`` (prompt, citation checks, sentences extracted for an uncited answer),
 ``library`` (all of it behind one object). Importing this package never
 imports torch: the embedding model loads on first use.
 """
