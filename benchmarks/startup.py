@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,11 +56,14 @@ sys.stdout.write("\\n")
 class Timing:
     first_token: float
     total: float
+    cpu: float
+    """user + system seconds: less sensitive to a busy machine than wall time."""
     text: str
 
 
 def timed(cmd: list[str], env: dict[str, str]) -> Timing:
     """Run ``cmd``; seconds to its first byte of output and to its exit."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     assert proc.stdout is not None
@@ -68,16 +73,18 @@ def timed(cmd: list[str], env: dict[str, str]) -> Timing:
     total = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"{cmd[:4]} failed ({proc.returncode}):\n{err.decode()}")
-    return Timing(first_token, total, (first + rest).decode())
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return Timing(first_token, total, cpu, (first + rest).decode())
 
 
-def lanner_cmd(model: str) -> list[str]:
+def lanner_cmd(model: str, n_tokens: int, extra: Sequence[str]) -> list[str]:
     return [sys.executable, "-m", "lanner", "run", model, PROMPT,
-            "--temperature", "0", "--max-tokens", str(N_TOKENS)]
+            "--temperature", "0", "--max-tokens", str(n_tokens), *extra]
 
 
-def plain_cmd(path: Path, n_ctx: int) -> list[str]:
-    return [sys.executable, "-c", PLAIN, str(path), str(n_ctx), PROMPT, str(N_TOKENS)]
+def plain_cmd(path: Path, n_ctx: int, n_tokens: int) -> list[str]:
+    return [sys.executable, "-c", PLAIN, str(path), str(n_ctx), PROMPT, str(n_tokens)]
 
 
 def file_and_context(model: str, home: Path) -> tuple[Path, int]:
@@ -92,12 +99,14 @@ def file_and_context(model: str, home: Path) -> tuple[Path, int]:
     return path, n_ctx
 
 
-def compare(model: str, repeat: int, home: Path) -> float:
+def compare(model: str, repeat: int, home: Path, n_tokens: int = N_TOKENS,
+            extra: Sequence[str] = ()) -> float:
     path, n_ctx = file_and_context(model, home)
     env = dict(os.environ, LANNER_HOME=str(home))
     # As an installed package: the warm-up writes bytecode, later runs read it.
     env.pop("PYTHONDONTWRITEBYTECODE", None)
-    sides = {"lanner run": lanner_cmd(model), "llama-cpp-python": plain_cmd(path, n_ctx)}
+    sides = {"lanner run": lanner_cmd(model, n_tokens, extra),
+             "llama-cpp-python": plain_cmd(path, n_ctx, n_tokens)}
     for cmd in sides.values():
         timed(cmd, env)  # warm-up: page cache, bytecode
     runs: dict[str, list[Timing]] = {name: [] for name in sides}
@@ -105,7 +114,8 @@ def compare(model: str, repeat: int, home: Path) -> float:
         for name, cmd in sides.items():
             runs[name].append(timed(cmd, env))
         line = "   ".join(f"{name} {runs[name][-1].first_token:5.2f} s first token, "
-                           f"{runs[name][-1].total:5.2f} s total" for name in sides)
+                           f"{runs[name][-1].total:5.2f} s total, {runs[name][-1].cpu:5.2f} s CPU"
+                           for name in sides)
         print(f"  run {i + 1}: {line}", flush=True)
     texts = {t.text for timings in runs.values() for t in timings}
     if len(texts) != 1:
@@ -115,10 +125,12 @@ def compare(model: str, repeat: int, home: Path) -> float:
     ref = statistics.median(t.total for t in runs["llama-cpp-python"])
     ttft_ours = statistics.median(t.first_token for t in runs["lanner run"])
     ttft_ref = statistics.median(t.first_token for t in runs["llama-cpp-python"])
+    cpu_ours = statistics.median(t.cpu for t in runs["lanner run"])
+    cpu_ref = statistics.median(t.cpu for t in runs["llama-cpp-python"])
     print(f"{model} ({path.name}, n_ctx {n_ctx}), median of {repeat}: "
-          f"lanner run {ours:.2f} s (first token {ttft_ours:.2f} s), "
-          f"llama-cpp-python {ref:.2f} s (first token {ttft_ref:.2f} s); "
-          f"speed ratio {ref / ours:.3f}x", flush=True)
+          f"lanner run {ours:.2f} s (first token {ttft_ours:.2f} s, CPU {cpu_ours:.2f} s), "
+          f"llama-cpp-python {ref:.2f} s (first token {ttft_ref:.2f} s, CPU {cpu_ref:.2f} s); "
+          f"speed ratio {ref / ours:.3f}x (CPU {cpu_ref / cpu_ours:.3f}x)", flush=True)
     return ref / ours
 
 
@@ -127,11 +139,15 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["smollm2-q4_1", "smollm2"])
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="2 repeats")
+    parser.add_argument("--max-tokens", type=int, default=N_TOKENS,
+                        help=f"answer length (default {N_TOKENS}; 1 times start-up alone)")
+    parser.add_argument("--lanner-flag", action="append", default=[], metavar="FLAG",
+                        help="extra flag for lanner run, e.g. --lanner-flag=--no-log (repeatable)")
     args = parser.parse_args()
     repeat = 2 if args.quick else args.repeat
     with tempfile.TemporaryDirectory(prefix="lanner-startup-") as tmp:
         for model in args.models:
-            compare(model, repeat, Path(tmp))
+            compare(model, repeat, Path(tmp), args.max_tokens, args.lanner_flag)
 
 
 if __name__ == "__main__":
