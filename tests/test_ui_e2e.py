@@ -53,6 +53,7 @@ GENERATION_MS = 300_000
 FIRST_LOAD_BYTES = 300_000
 FIRST_LOAD_MS = 1000
 DOC = "The Kelvsund lighthouse was built in 1871.\n"
+OTHER_DOC = "The Marrow Street bakery opened in 1923 and sells rye bread.\n"
 QUESTION = "When was the Kelvsund lighthouse built? End your answer with [1]."
 """With a one-passage collection and temperature 0, the 135M model answers this
 with a citation (checked on the F16 build; it cites nothing without the hint)."""
@@ -386,6 +387,41 @@ def test_an_answer_from_an_uploaded_document_cites_and_opens_the_passage(
     assert [t.prompt for t in logged_turns(server, conversation_id(page), 2)] == [QUESTION]
 
 
+def test_an_answer_that_cites_nothing_shows_the_right_passage(page: Any) -> None:
+    """Two files; the 135M model answers this question without citing (at
+    temperature 0), so the page shows the sentence it came from, copied from
+    the lighthouse file's passage and not the bakery's."""
+    page.click("#tab-documents")
+    page.fill("#collection-name", "harbour")
+    page.set_input_files("#files", files=[
+        {"name": "lighthouse.txt", "mimeType": "text/plain", "buffer": DOC.encode()},
+        {"name": "bakery.txt", "mimeType": "text/plain", "buffer": OTHER_DOC.encode()}])
+    page.click("#upload-form button[type=submit]")
+    for name in ("lighthouse.txt", "bakery.txt"):
+        expect(page.locator(f'#uploads li[data-file="{name}"] .status')).to_have_text(
+            "added: 1 passages", timeout=GENERATION_MS)
+
+    page.click("#tab-chat")
+    page.click("#new-chat")
+    sampling(page, max_tokens=40)
+    page.select_option("#chat-collection", "harbour")
+    ask(page, "When was the Kelvsund lighthouse built?")
+    answer = answered(page)
+    expect(answer.locator(".body")).to_contain_text("1871")
+    expect(answer.locator(".body button.cite")).to_have_count(0)
+    note = answer.locator(".extracted")
+    expect(note).to_contain_text("The answer cites no passage")
+    expect(note.locator("li")).to_have_count(1)  # the bakery's passage shares no word
+    expect(note.locator("li q")).to_have_text(DOC.strip())
+    shot(page, "09-uncited-answer-extracted")
+    note.locator("button.cite").click()
+    dialog = page.locator("#passage-dialog")
+    expect(dialog.locator("#passage-title")).to_have_text(re.compile(r"^\[\d\] lighthouse\.txt$"))
+    expect(dialog.locator("#passage-where")).to_contain_text("uploads/harbour/lighthouse.txt")
+    expect(dialog.locator("mark")).to_have_text(DOC.strip())
+    shot(page, "10-extracted-passage")
+
+
 def test_compare_streams_two_models_side_by_side(page: Any) -> None:
     page.click("#tab-compare")
     checked = page.locator("#compare-models input:checked")
@@ -401,7 +437,7 @@ def test_compare_streams_two_models_side_by_side(page: Any) -> None:
         expect(columns.nth(i).locator(".meta")).to_have_text(
             re.compile(r"^\d+ tokens, (stop|length)$"))
         assert columns.nth(i).locator(".body").inner_text().strip()
-    shot(page, "08-compare")
+    shot(page, "11-compare")
 
 
 def test_an_arena_vote_reveals_the_models_and_changes_the_ratings(page: Any) -> None:
@@ -415,7 +451,7 @@ def test_an_arena_vote_reveals_the_models_and_changes_the_ratings(page: Any) -> 
     expect(page.locator("#arena-vote")).to_be_hidden()
     expect(page.locator("#arena-vote")).to_be_visible(timeout=GENERATION_MS)
     expect(page.locator("#arena-answers h3")).to_have_text(["Answer A", "Answer B"])
-    shot(page, "09-arena-blind")
+    shot(page, "12-arena-blind")
     page.get_by_role("button", name="A is better").click()
     heads = page.locator("#arena-answers h3")
     expect(heads.first).to_have_text(re.compile(r"^A: smollm2(-q4_1)?$"))
@@ -429,4 +465,4 @@ def test_an_arena_vote_reveals_the_models_and_changes_the_ratings(page: Any) -> 
         [winner, re.compile(r"^\d+$"), re.compile(r"^\d+ to \d+$"), "1", "0", "0"])
     ratings = [int(rows.nth(i).locator("td").nth(1).inner_text()) for i in range(2)]
     assert ratings[0] > ratings[1]
-    shot(page, "10-arena-ratings")
+    shot(page, "13-arena-ratings")
