@@ -275,6 +275,8 @@ def test_chat_only_server_cannot_score(lanner_home: Path) -> None:
     backend, _ = scripted_backend(handler, lanner_home)
     with pytest.raises(NotSupported, match="cannot score loglikelihoods: it refused echo"):
         backend.loglikelihood("a", " b")
+    with pytest.raises(NotSupported, match="no such route. A raw prompt needs /v1/completions"):
+        collect(backend.stream(Request(backend.tokenize("raw"), max_tokens=5)))
 
 
 class BrokenServer:

@@ -214,7 +214,14 @@ class RemoteBackend:
                 state: _StreamState, start: float) -> Iterator[Event]:
         buffer = StopBuffer(request.stop)
         ttft = 0.0
-        response = self._client.post(path, payload)
+        try:
+            response = self._client.post(path, payload)
+        except ModelNotFound as exc:
+            if chat:
+                raise
+            raise NotSupported(f"{exc}. A raw prompt needs /v1/completions, which chat-only "
+                               "servers lack: chat works, and `lanner eval --chat-template` "
+                               "sends evaluation prompts as chat") from exc
         state.sent = True
         try:
             for chunk in events(response, self._client.label):
