@@ -65,7 +65,9 @@ def timed(cmd: list[str], env: dict[str, str]) -> Timing:
     """Run ``cmd``; seconds to its first byte of output and to its exit."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    # Unbuffered: read(1) must take one byte, not a buffer that communicate() skips.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            bufsize=0)
     assert proc.stdout is not None
     first = proc.stdout.read(1)
     first_token = time.perf_counter() - start
@@ -120,7 +122,7 @@ def compare(model: str, repeat: int, home: Path, n_tokens: int = N_TOKENS,
     texts = {t.text for timings in runs.values() for t in timings}
     if len(texts) != 1:
         raise SystemExit(f"{model}: the two sides wrote different answers:\n"
-                         + "\n---\n".join(texts))
+                         + "\n---\n".join(map(repr, texts)))
     ours = statistics.median(t.total for t in runs["lanner run"])
     ref = statistics.median(t.total for t in runs["llama-cpp-python"])
     ttft_ours = statistics.median(t.first_token for t in runs["lanner run"])
