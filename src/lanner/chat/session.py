@@ -1,16 +1,55 @@
-"""A conversation with one model, every turn logged to the Store with provenance."""
+"""A conversation with one model, every turn logged to the Store with provenance.
+
+The context window: ``context()`` says how much of it the conversation fills;
+with an ``on_drop`` observer, a turn that would not fit drops the oldest turns
+(never the system prompt) and tells the observer, instead of failing.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 from lanner.backends import rope
+from lanner.engine.chatformat import validate_messages
 from lanner.engine.model import Model
 from lanner.engine.types import Event, Finish, Request, TextDelta
 from lanner.store import Store, Turn
+
+_DEFAULT_MAX_TOKENS = next(f.default for f in dataclasses.fields(Request)
+                           if f.name == "max_tokens")
+ANSWER_ROOM = 0.1
+"""The most of the window a turn keeps free for the answer (``max_tokens`` if
+smaller) when it drops old turns to fit."""
+
+
+@dataclass(frozen=True, slots=True)
+class ContextUse:
+    tokens: int
+    """The conversation so far, rendered with the chat template."""
+    window: int
+    """The model's context window (``n_ctx``)."""
+
+    @property
+    def fraction(self) -> float:
+        return self.tokens / self.window
+
+
+@dataclass(frozen=True, slots=True)
+class Dropped:
+    """Turns left out so that a new message fits the window."""
+
+    messages: list[dict[str, Any]]
+    """The dropped messages, oldest first (the log keeps them)."""
+    turns: int
+    """How many user messages were among them."""
+    tokens: int
+    """The prompt's tokens after dropping them."""
+    window: int
 
 
 class ChatSession:
@@ -29,11 +68,15 @@ class ChatSession:
         conversation_id: str | None = None,
         messages: list[dict[str, Any]] | None = None,
         options: dict[str, Any] | None = None,
+        on_drop: Callable[[Dropped], None] | None = None,
     ) -> None:
         self.model = model
         self.store = store
         self.system = system
         self.options = dict(options or {})
+        self.on_drop = on_drop
+        """Set: a turn that would overflow the window drops the oldest turns and
+        calls this; None: it fails with ContextLengthExceeded."""
         self.messages: list[dict[str, Any]] = list(messages or self._start())
         self.conversation_id = conversation_id or self._new_conversation()
 
@@ -51,9 +94,49 @@ class ChatSession:
         self.messages = self._start()
         self.conversation_id = self._new_conversation()
 
+    def context(self) -> ContextUse:
+        """How many tokens of the window the conversation so far takes."""
+        tokens = self.count_tokens(self.messages, generation_prompt=False) if self.messages else 0
+        return ContextUse(tokens, self.model.backend.n_ctx)
+
+    def count_tokens(self, messages: list[dict[str, Any]], *,
+                     generation_prompt: bool = True) -> int:
+        """Tokens of ``messages`` rendered as the model will see them."""
+        text = self.model.chat_format.render(validate_messages(messages),
+                                             add_generation_prompt=generation_prompt)
+        return len(self.model.backend.tokenize(text, add_bos=False, special=True))
+
+    def fit(self, messages: list[dict[str, Any]], options: dict[str, Any]
+            ) -> list[dict[str, Any]]:
+        """``messages`` (ending with the new one) with the oldest whole turns
+        dropped until they leave room for the answer; the system prompt and the
+        new message always stay. Unchanged without an ``on_drop`` observer."""
+        if self.on_drop is None:
+            return messages
+        window = self.model.backend.n_ctx
+        room = min(options.get("max_tokens", _DEFAULT_MAX_TOKENS) or window,
+                   int(window * ANSWER_ROOM))
+        kept, dropped = list(messages), []
+        tokens = self.count_tokens(kept)
+        while tokens + room > window:
+            start = next(i for i, m in enumerate(kept) if m["role"] != "system")
+            end = start + 1  # a turn: the oldest message up to the next user message
+            while end < len(kept) - 1 and kept[end]["role"] != "user":
+                end += 1
+            if end >= len(kept):  # only the new message is left to drop
+                break
+            dropped += kept[start:end]
+            del kept[start:end]
+            tokens = self.count_tokens(kept)
+        if dropped:
+            turns = sum(m["role"] == "user" for m in dropped)
+            self.on_drop(Dropped(dropped, turns, tokens, window))
+        return kept
+
     def send(self, text: str, **options: Any) -> Generator[Event, None, None]:
-        messages = [*self.messages, {"role": "user", "content": text}]
-        request = self.model.chat_request(messages, **{**self.options, **options})
+        options = {**self.options, **options}
+        messages = self.fit([*self.messages, {"role": "user", "content": text}], options)
+        request = self.model.chat_request(messages, **options)
         parts: list[str] = []
         yield from self._run(request, parts, text, messages)
         self.messages = [*messages, {"role": "assistant", "content": "".join(parts)}]

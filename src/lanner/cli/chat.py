@@ -2,6 +2,9 @@
 
 Ctrl-C while the model answers stops that answer, not the program; Ctrl-D or
 /exit leaves. Every turn is logged; ``--continue`` resumes the last conversation.
+``/context`` shows how full the context window is; past 90% a warning says so,
+and a message that would not fit drops the oldest turns (never the system
+prompt) with a notice.
 """
 
 from __future__ import annotations
@@ -16,12 +19,13 @@ from lanner.cli import options, render, tooling
 from lanner.errors import InvalidRequest, LannerError
 
 if TYPE_CHECKING:
-    from lanner.chat.session import ChatSession
+    from lanner.chat.session import ChatSession, Dropped
     from lanner.rag.library import Library
 
 HELP = """Commands:
   /reset        forget the conversation and start a new one (the log keeps it)
   /save [FILE]  save the conversation as JSON (default: conversation-<id>.json)
+  /context      how much of the model's context window the conversation fills
   /help         this text
   /exit         leave (or Ctrl-D)"""
 
@@ -47,7 +51,9 @@ def run(args: argparse.Namespace) -> int:
     sampling = options.sampling_options(args)
     store = options.open_store(args)
     model = options.load_model(args, args.model)
-    session = tooling.with_tools(args, _session(args, model, store, sampling))
+    session = _session(args, model, store, sampling)
+    session.on_drop = _show_dropped
+    session = tooling.with_tools(args, session)
     library = None
     if args.collection:
         from lanner.rag.library import Library  # numpy and the embedder: only with documents
@@ -74,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
             _answer_from_documents(session, line, library, args.collection, args.verbose)
         else:
             _answer(session, line, show_probs=args.show_probs is not None)
+        _warn_if_full(session)
 
 
 def _session(args: argparse.Namespace, model: Any, store: Any,
@@ -141,8 +148,7 @@ def _answer_from_documents(session: ChatSession, line: str, library: Library,
     finally:
         # The history keeps the user's words, not the passages: they would
         # fill the context window within a few turns.
-        if len(session.messages) > len(history):
-            session.messages[len(history)] = {"role": "user", "content": line}
+        _replace_last_user(session, prepared.prompt, line)
     print()
     print_sources(finish(prepared, text), sys.stderr)
 
@@ -156,11 +162,51 @@ def _command(line: str, session: ChatSession) -> str | None:
         print("Conversation reset.", file=sys.stderr)
     elif name == "/save":
         _save(session, arg.strip())
+    elif name == "/context":
+        print(_context_line(session), file=sys.stderr)
     elif name == "/help":
         print(HELP, file=sys.stderr)
     else:
         print(f"unknown command {name}; /help lists them", file=sys.stderr)
     return None
+
+
+WARN_AT = 0.9
+
+
+def _context_line(session: ChatSession) -> str:
+    """``context: 1234 of 8192 tokens (15%)``, and the trained context and
+    RoPE scaling where they differ from the window."""
+    use, backend = session.context(), session.model.backend
+    text = f"context: {use.tokens} of {use.window} tokens ({use.fraction:.0%})"
+    trained = backend.metadata.n_ctx_train
+    scaling = getattr(backend, "rope_scaling", None)
+    if scaling is not None:
+        text += f"; {scaling.type} RoPE scaling x{scaling.factor:g} of the trained {trained}"
+    elif trained and trained != use.window:
+        text += f"; trained context {trained}"
+    return text
+
+
+def _warn_if_full(session: ChatSession) -> None:
+    if session.context().fraction >= WARN_AT:
+        print(f"[{_context_line(session)}: the oldest turns will be dropped to make room; "
+              "/reset starts afresh]", file=sys.stderr)
+
+
+def _show_dropped(dropped: Dropped) -> None:
+    turns = f"{dropped.turns} oldest turn{'s' if dropped.turns != 1 else ''}"
+    print(f"[context window full: dropped the {turns} ({len(dropped.messages)} messages) to "
+          f"fit {dropped.window} tokens; the system prompt stays, the log keeps them all]",
+          file=sys.stderr)
+
+
+def _replace_last_user(session: ChatSession, sent: str, line: str) -> None:
+    for message in reversed(session.messages):
+        if message["role"] == "user":
+            if message["content"] == sent:
+                message["content"] = line
+            return
 
 
 def _save(session: ChatSession, where: str) -> None:

@@ -30,12 +30,13 @@ class ToolSession(ChatSession):
         """The same conversation (history, log, options), now with tools."""
         made = cls(session.model, session.store, system=session.system,
                    conversation_id=session.conversation_id, messages=session.messages,
-                   options=session.options)
+                   options=session.options, on_drop=session.on_drop)
         made.tools, made.max_steps, made.on_event = tuple(tools), max_steps, on_event
         return made
 
     def send(self, text: str, **options: Any) -> Generator[Event, None, None]:
-        messages = [*self.messages, {"role": "user", "content": text}]
+        messages = self.fit([*self.messages, {"role": "user", "content": text}],
+                            {**self.options, **options})
         loop = ToolLoop(self.model, self.tools, max_steps=self.max_steps, store=self.store,
                         conversation_id=self.conversation_id, **{**self.options, **options})
         parts: list[str] = []
