@@ -226,6 +226,30 @@ def test_a_failed_pass_ends_its_requests_and_the_batch_goes_on(
     assert len(alone(llama, Request("hello", temperature=0.0, max_tokens=4))) == 4
 
 
+def test_one_request_failing_leaves_the_others_in_its_pass(llama: TransformersBackend) -> None:
+    from lanner.backends.hf_batching import Job
+
+    scheduler = llama._scheduler
+    assert scheduler is not None and llama.stream_to is not None
+    good = Request(chat_ids(llama, QUESTIONS[1]), temperature=0.0, max_tokens=12)
+    expected = alone(llama, good)
+    run = llama._run(Request(chat_ids(llama, QUESTIONS[0]), temperature=0.0, max_tokens=12))
+    advance, calls = run.advance, []
+
+    def fails_third(logits: torch.Tensor) -> tuple[list[Event], int | None]:
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("grammar broke")
+        return advance(logits)
+
+    run.advance = fails_third  # type: ignore[method-assign]
+    bad, ok = Collected(), Collected()
+    scheduler.submit(Job(run, bad))
+    llama.stream_to(good, ok)
+    assert ok.ids() == expected
+    assert bad.done.wait(30) and [str(e) for e in bad.errors] == ["grammar broke"]
+
+
 def test_more_requests_than_slots_wait_their_turn(llama_dir: Path) -> None:
     backend = TransformersBackend(llama_dir, n_seq_max=2)
     requests = [Request(chat_ids(backend, q), temperature=0.0, max_tokens=6) for q in QUESTIONS]

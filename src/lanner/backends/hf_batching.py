@@ -123,8 +123,13 @@ class Scheduler:
                     admitted.append(self.waiting.popleft())
             for job in gone:
                 self._leave(job)
-            with torch.inference_mode():
-                self._step(admitted)
+            try:
+                with torch.inference_mode():
+                    self._step(admitted)
+            except Exception as exc:  # a bug here must not leave readers waiting forever
+                for job in [*self.active, *(j for j in admitted if j.row < 0)]:
+                    self._leave(job, exc)
+                self.active, self._cache = [], SlotCache()
         for job in jobs:
             self._leave(job, LannerError("the transformers model was closed"))
 
@@ -182,7 +187,12 @@ class Scheduler:
             self._advance(job, row)
 
     def _advance(self, job: Job, logits: torch.Tensor) -> None:
-        events, job.next_id = job.run.advance(logits)
+        try:
+            events, job.next_id = job.run.advance(logits)
+        except Exception as exc:  # this request's failure (its grammar...), not the batch's
+            job.done = True
+            job.sink(exc)
+            return
         for event in events:
             job.sink(event)
         job.done = job.next_id is None
