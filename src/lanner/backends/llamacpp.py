@@ -28,6 +28,7 @@ except ImportError as e:  # pragma: no cover - llama-cpp-python is a core depend
         f"the llama.cpp backend needs llama-cpp-python (pip install llama-cpp-python): {e}"
     ) from e
 
+from . import speculative
 from .llamacpp_jobs import GenJob, Job, PromptJob, ScoreJob
 from .llamacpp_native import (
     ContextConfig,
@@ -38,11 +39,14 @@ from .llamacpp_native import (
     meta_str,
 )
 from .llamacpp_sched import Scheduler
+from .speculative import DraftModel, SpecState
 
 DEFAULT_MAX_CTX = 8192
 """Default context: the model's training context, but at most this (KV memory)."""
 
 KV_LAYOUTS = ("unified", "split", "auto")
+DEFAULT_SPECULATIVE = "ngram"
+"""Chosen by benchmarks/speculative.py (see docs/benchmarks.md)."""
 
 # Extra keyword options and their defaults.
 _OPTIONS: dict[str, int | bool | str] = {
@@ -58,6 +62,9 @@ _OPTIONS: dict[str, int | bool | str] = {
     # "auto" splits when that fits kv_budget_mib.
     "kv": "unified",
     "kv_budget_mib": 0,  # 0: a quarter of this machine's memory, at most 4 GiB
+    # Speculative decoding (see speculative.py): "ngram", "off" or "draft:PATH"
+    # (the engine turns draft:NAME into the draft model's file).
+    "speculative": DEFAULT_SPECULATIVE,
 }
 
 
@@ -77,6 +84,7 @@ def _options(kwargs: dict[str, Any]) -> dict[str, Any]:
         raise InvalidRequest("kv", f"must be one of {', '.join(KV_LAYOUTS)}, got {opts['kv']!r}")
     if opts["kv_budget_mib"] < 0:
         raise InvalidRequest("kv_budget_mib", f"must be >= 0, got {opts['kv_budget_mib']}")
+    speculative.parse(opts["speculative"])
     return opts
 
 
@@ -137,6 +145,7 @@ class LlamaCppBackend:
         self.path = Path(path)
         self._closed = False
         self._ctx: Any = None
+        self._draft: DraftModel | None = None
         self._ll_tokenizer: Any = None
         self._model = load_model(self.path, n_gpu_layers=opts["n_gpu_layers"],
                                  use_mmap=opts["use_mmap"])
@@ -173,8 +182,14 @@ class LlamaCppBackend:
             self.metadata = self._read_metadata(n_ctx_train)
             # llama.cpp may round n_ctx up and clamp n_batch to it: use what it chose.
             n_batch = int(llama_cpp.llama_n_batch(self._ctx))
+            self.speculative, draft_path = speculative.parse(opts["speculative"])
+            """How requests draft: "ngram", "draft" (a draft model) or "off"."""
+            if draft_path is not None:
+                self._draft = DraftModel(Path(draft_path), self._vocab, n_ctx=self.n_ctx,
+                                         n_seq_max=n_seq_max, n_threads=cfg.n_threads,
+                                         n_batch=n_batch)
             self._sched = Scheduler(self._ctx, n_ctx=self.n_ctx, n_batch=n_batch,
-                                    n_seq_max=n_seq_max, split=split)
+                                    n_seq_max=n_seq_max, split=split, draft_model=self._draft)
         except BaseException:
             self._free_native()
             raise
@@ -205,13 +220,27 @@ class LlamaCppBackend:
         """Prompt tokens served from a cached prefix instead of being decoded."""
         return self._sched.reused_tokens
 
-    def stats(self) -> dict[str, int]:
+    @property
+    def drafted_tokens(self) -> int:
+        """Speculative draft tokens checked by the model."""
+        return self._sched.drafted_tokens
+
+    @property
+    def accepted_tokens(self) -> int:
+        """Draft tokens that were what the model itself sampled."""
+        return self._sched.accepted_tokens
+
+    def stats(self) -> dict[str, float]:
+        drafted = self.drafted_tokens
         return {
             "queue_depth": self.queue_depth,
             "active_sequences": self.active_sequences,
             "max_batch_seqs": self.max_batch_seqs,
             "decode_calls": self.decode_calls,
             "reused_tokens": self.reused_tokens,
+            "spec_drafted_tokens": drafted,
+            "spec_accepted_tokens": self.accepted_tokens,
+            "spec_acceptance_rate": round(self.accepted_tokens / drafted, 4) if drafted else 0.0,
         }
 
     # -- Backend ---------------------------------------------------------------
@@ -343,7 +372,10 @@ class LlamaCppBackend:
         matcher = None
         if request.constraint is not None:  # compiled here, not in the scheduler thread
             matcher = Matcher(self._grammar_tokenizer(), request.constraint, self._vocab.n_vocab)
-        return GenJob(prompt, request, self._vocab, limit, matcher)
+        spec = None
+        if self.speculative != "off":
+            spec = SpecState(self.speculative, list(prompt))
+        return GenJob(prompt, request, self._vocab, limit, matcher, spec)
 
     def _events(
         self, prompt: list[int], request: Request, limit: int
@@ -426,6 +458,9 @@ class LlamaCppBackend:
         )
 
     def _free_native(self) -> None:
+        if self._draft is not None:
+            self._draft.close()
+            self._draft = None
         # The context must go before its model.
         if self._ctx is not None:
             llama_cpp.llama_free(self._ctx)

@@ -38,6 +38,7 @@ from lanner.engine.types import (
 from lanner.errors import LannerError
 
 from .llamacpp_native import Vocab
+from .speculative import SpecState
 
 # Same window llama-cpp-python gives its penalties sampler (last_n_tokens_size).
 PENALTY_LAST_N = 64
@@ -61,10 +62,33 @@ class Job:
         self.done = False
         self.released = threading.Event()
         self.submitted = time.perf_counter()
+        self.draft: list[int] = []
+        """Speculative tokens fed this step after the last real one (GenJob)."""
 
     def on_output(self, ctx: Any, index: int, pos: int) -> None:
         """Logits for ``pos`` of this sequence are at batch output ``index``."""
         raise NotImplementedError
+
+    def wants_draft(self) -> int:
+        """How many draft tokens would help this step (0: none)."""
+        return 0
+
+    def accept_rate(self) -> float:
+        raise NotImplementedError
+
+    def propose(self, k: int) -> list[int]:
+        raise NotImplementedError
+
+    def spec_history(self) -> list[int]:
+        raise NotImplementedError
+
+    def set_draft(self, draft: list[int]) -> None:
+        raise NotImplementedError
+
+    def settle(self) -> int:
+        """After a step's outputs: how many of the tokens it fed (from the end)
+        the sequence's KV cache must drop (a rejected draft)."""
+        return 0
 
     def cut(self) -> None:
         """The shared KV cache is full: end now."""
@@ -139,10 +163,14 @@ def sampler_chain(request: Request, n_vocab: int) -> Any:
 
 
 class GenJob(Job):
-    """One ``stream`` request: sample with its own chain, emit safe text deltas."""
+    """One ``stream`` request: sample with its own chain, emit safe text deltas.
+
+    With ``spec`` it may feed a draft after its last token (``set_draft``);
+    its rows are checked in order by the same chain (see ``speculative``).
+    """
 
     def __init__(self, prompt: list[int], request: Request, vocab: Vocab, limit: int,
-                 matcher: Matcher | None = None) -> None:
+                 matcher: Matcher | None = None, spec: SpecState | None = None) -> None:
         super().__init__(prompt, len(prompt) - 1)
         self.request = request
         self.matcher = matcher
@@ -155,8 +183,68 @@ class GenJob(Job):
         self.buffer = StopBuffer(request.stop)
         self.n_generated = 0
         self.ttft: float | None = None
+        self.spec = spec
+        self.draft: list[int] = []
+        """Tokens fed this step after the last real one, not yet checked."""
+        self._draft_at = 0  # position of the last real token (row 0 of the check)
+        self._accepted = 0
+        self._rejected = False
+
+    def wants_draft(self) -> int:
+        """How many draft tokens would help now (0: none)."""
+        spec = self.spec
+        if spec is None or not spec.enabled or len(self.feed) != 1:
+            return 0
+        return min(spec.k, self.limit - self.n_generated - 1)
+
+    def accept_rate(self) -> float:
+        """How often this request's draft tokens are right (estimated)."""
+        assert self.spec is not None
+        return self.spec.accept_rate
+
+    def propose(self, k: int) -> list[int]:
+        """An n-gram draft of up to ``k`` tokens."""
+        assert self.spec is not None
+        return self.spec.propose(k)
+
+    def spec_history(self) -> list[int]:
+        """The prompt and the tokens emitted so far (a draft model's context)."""
+        assert self.spec is not None
+        return self.spec.history
+
+    def set_draft(self, draft: list[int]) -> None:
+        """Feed ``draft`` after the last real token this step."""
+        self.draft = draft
+        self._draft_at = len(self.tokens) + self.n_generated - 1
+        self.feed.extend(draft)
 
     def on_output(self, ctx: Any, index: int, pos: int) -> None:
+        if self._rejected:
+            return  # a row after a rejected draft token: its context was wrong
+        j = pos - self._draft_at if self.draft else 0
+        token_id = self._sample(ctx, index)
+        if token_id is None:
+            return
+        going = self._take(token_id, ctx, index)
+        if j < len(self.draft):
+            if token_id == self.draft[j]:
+                self._accepted += 1
+                return  # its KV cell is already right: the next row holds
+            self._rejected = True
+        if going:
+            self.feed.append(token_id)
+
+    def settle(self) -> int:
+        """Close the step's draft round: the KV cells of its rejected tokens go."""
+        if not self.draft:
+            return 0
+        drafted, accepted = len(self.draft), self._accepted
+        assert self.spec is not None
+        self.spec.settle(drafted, accepted)
+        self.draft, self._accepted, self._rejected = [], 0, False
+        return drafted - accepted
+
+    def _sample(self, ctx: Any, index: int) -> int | None:
         if self.matcher is not None:
             # The sampler chain reads llama.cpp's logits buffer: mask it in place.
             self.matcher.mask_logits(logits_row(ctx, index, self.vocab.n_vocab))
@@ -166,15 +254,21 @@ class GenJob(Job):
                 self.matcher.accept(token_id)
             except LannerError as e:
                 self.fail(e)
-                return
+                return None
+        return token_id
+
+    def _take(self, token_id: int, ctx: Any, index: int) -> bool:
+        """Emit one sampled token; False once the generation has finished."""
         if self.ttft is None:
             self.ttft = time.perf_counter() - self.submitted
         if self.vocab.is_eog(token_id):
             # Like llama-cpp-python: the end-of-generation token is neither shown
             # nor counted in completion_tokens.
             self._finish("stop")
-            return
+            return False
         self.n_generated += 1
+        if self.spec is not None:
+            self.spec.append(token_id)
         # Incremental decoding: a character split across tokens comes out whole.
         text = self.decoder.decode(self.vocab.piece(token_id))
         token = self._token(token_id, text, ctx, index)
@@ -186,7 +280,8 @@ class GenJob(Job):
         elif self.n_generated >= self.limit:
             self._finish("length")
         else:
-            self.feed.append(token_id)
+            return True
+        return False
 
     def cut(self) -> None:
         self._finish("length")
@@ -225,7 +320,10 @@ class GenJob(Job):
             else:
                 self._emit(self.buffer.flush())
         total = time.perf_counter() - self.submitted
-        usage = Usage(prompt_tokens=len(self.tokens), completion_tokens=self.n_generated)
+        spec = self.spec
+        usage = Usage(prompt_tokens=len(self.tokens), completion_tokens=self.n_generated,
+                      drafted_tokens=spec.drafted + len(self.draft) if spec else 0,
+                      accepted_tokens=spec.accepted + self._accepted if spec else 0)
         self.post(Finish(reason, usage, Timings(self.ttft if self.ttft is not None else total,
                                                    total)))
         self.done = True

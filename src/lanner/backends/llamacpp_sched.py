@@ -30,6 +30,7 @@ from lanner.errors import LannerError
 
 from .llamacpp_jobs import Job
 from .llamacpp_native import decode
+from .speculative import SPEC_BATCH_TOKENS, DraftModel, StepCosts
 
 _CANCEL_WAIT_S = 30.0
 _FAR_REUSE = 512
@@ -83,8 +84,14 @@ class Scheduler:
     calls run on the process's one decoding thread); other threads submit jobs."""
 
     def __init__(self, ctx: Any, *, n_ctx: int, n_batch: int, n_seq_max: int,
-                 split: bool = False) -> None:
+                 split: bool = False, draft_model: DraftModel | None = None) -> None:
         self.ctx = ctx
+        self.draft_model = draft_model
+        """Proposes drafts for jobs speculating with a model (else: their n-grams)."""
+        self.drafted_tokens = 0
+        self.accepted_tokens = 0
+        self.step_costs = StepCosts(SPEC_BATCH_TOKENS)
+        """What a step of n tokens costs here: how many drafts pay."""
         self.split = split
         """Each slot owns ``n_ctx`` cells (else all slots share ``n_ctx``)."""
         self.mem = llama_cpp.llama_get_memory(ctx)
@@ -272,7 +279,48 @@ class Scheduler:
                     break
                 if base + i >= job.first_output:
                     job.on_output(self.ctx, start + i, base + i)
+            self._settle(job, slot)
         self._reap()
+
+    def _settle(self, job: Job, slot: Slot) -> None:
+        """Count a draft round and drop its rejected tokens' KV cells."""
+        drafted = len(job.draft)
+        drop = job.settle()
+        self.drafted_tokens += drafted
+        self.accepted_tokens += drafted - drop
+        if drop:
+            del slot.tokens[-drop:]
+            llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, len(slot.tokens), -1)
+
+    def _draft(self) -> None:
+        """Speculation: drafts for generating jobs while the batch has spare compute.
+
+        How many draft tokens each gets comes from what steps of each size have
+        cost here and how often its drafts were right (``StepCosts.allocate``):
+        on a CPU a step of a few tokens costs about one token's, so one stream
+        drafts several; as more sequences share the batch the drafts shrink,
+        and none are added to a batch of ``SPEC_BATCH_TOKENS`` sequences."""
+        generating = [j for j in self.active if not (j.done or j.cancelled)
+                      and len(j.feed) == 1 and len(self._slot_of[j].tokens) >= len(j.tokens)]
+        wanting = [(j, k) for j in generating if (k := j.wants_draft()) > 0]
+        if not wanting or len(generating) >= SPEC_BATCH_TOKENS:
+            return
+        proposals = None
+        if self.draft_model is None:  # n-grams cost nothing to look up: see what there is
+            proposals = [j.propose(k) for j, k in wanting]
+            wanting = [(j, len(p)) for (j, _), p in zip(wanting, proposals, strict=True)]
+        ks = self.step_costs.allocate([j.accept_rate() for j, _ in wanting],
+                                      [k for _, k in wanting], len(generating))
+        if proposals is not None:
+            drafts = [p[:k] for p, k in zip(proposals, ks, strict=True)]
+        else:
+            chosen = [(j, k) for (j, _), k in zip(wanting, ks, strict=True) if k > 0]
+            drafts = self.draft_model.propose(  # type: ignore[union-attr]
+                [(self._slot_of[j].seq_id, j.spec_history(), k) for j, k in chosen])
+            wanting = chosen
+        for (job, _), draft in zip(wanting, drafts, strict=True):
+            if draft:
+                job.set_draft(draft)
 
     def _plan(self) -> list[tuple[Job, Slot, int, int]]:
         """Fill the batch: generating sequences first (one token each), then
@@ -280,9 +328,10 @@ class Scheduler:
 
         The batch lists sequences by id: llama.cpp's split cache groups only
         consecutive ids, in batch order, into one pass."""
+        self._draft()
         taken: list[tuple[Job, Slot, int]] = []
         budget = self.n_batch
-        for job in sorted(self.active, key=lambda j: len(j.feed) > 1):
+        for job in sorted(self.active, key=lambda j: len(j.feed) - len(j.draft) > 1):
             if job.done or job.cancelled or not job.feed or budget == 0:
                 continue
             slot = self._slot_of[job]
@@ -291,6 +340,10 @@ class Scheduler:
                 if len(slot.tokens) >= len(job.tokens):  # generating: no cell for its next token
                     job.cut()
                 continue
+            if n < len(job.feed) and job.draft:  # no room for all of the draft
+                cut = min(len(job.feed) - n, len(job.draft))
+                del job.draft[len(job.draft) - cut:]
+                del job.feed[len(job.feed) - cut:]
             taken.append((job, slot, n))
             budget -= n
         batch = self._batch
@@ -305,7 +358,9 @@ class Scheduler:
 
     def _decode(self, n_seqs: int) -> None:
         self._batch.raw.n_tokens = self._batch.n
+        start = time.perf_counter()
         rc = decode(self.ctx, self._batch.raw)
+        self.step_costs.record(self._batch.n, time.perf_counter() - start)
         if rc == 1 and not self.split:
             # No KV slot: our cell accounting should prevent it; free all idle caches.
             self._evict_idle()

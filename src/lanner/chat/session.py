@@ -17,7 +17,7 @@ from typing import Any
 from lanner.backends import rope
 from lanner.engine.chatformat import validate_messages
 from lanner.engine.model import Model
-from lanner.engine.types import Event, Finish, Request, TextDelta
+from lanner.engine.types import Event, Finish, Request, TextDelta, speculation_log
 from lanner.store import Store, Turn
 
 _DEFAULT_MAX_TOKENS = next(f.default for f in dataclasses.fields(Request)
@@ -193,7 +193,9 @@ class ChatSession:
             prompt=prompt,
             response=response,
             messages=messages,
-            sampling=request.sampling(),
+            sampling={**request.sampling(),
+                      **speculation_log(getattr(backend, "speculative", None),
+                                        finish.usage if finish else None)},
             seed=request.seed,
             prompt_tokens=finish.usage.prompt_tokens if finish else len(request.prompt),
             completion_tokens=finish.usage.completion_tokens if finish else n_tokens,

@@ -37,6 +37,10 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                    "'split' (each of the 16 sequence slots gets its own n-ctx cells: fastest "
                    "under concurrency, 16x the memory) or 'auto' (split when that fits a "
                    "quarter of RAM, at most 4 GiB). Default: unified; serve: auto")
+    g.add_argument("--speculative", metavar="ngram|draft:MODEL|off",
+                   help="llama.cpp speculative decoding: 'ngram' drafts from the prompt and the "
+                   "text so far (default), 'draft:MODEL' from a smaller model with the same "
+                   "vocabulary, 'off' decodes one token per step. Output is unchanged")
     g.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
                    help="weights dtype (transformers backend)")
     g.add_argument("--quant", choices=("int8", "int4"),
@@ -99,7 +103,8 @@ def load_model(args: argparse.Namespace, name: str | None) -> Model:
 
     options = {"n_ctx": args.n_ctx, "dtype": args.dtype, "kv": args.kv,
                "adapter": args.adapter, "rope_scaling": args.rope_scaling,
-               "rope_factor": args.rope_factor, "quant": args.quant}
+               "rope_factor": args.rope_factor, "quant": args.quant,
+               "speculative": args.speculative}
     engine = Engine(args.home)
     licence_notice(engine.home, name or DEFAULT_MODEL)
     return engine.load(name or DEFAULT_MODEL, backend=args.backend,

@@ -70,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
     load_options = {"backend": args.backend, "chat_format": args.chat_format,
                     "n_ctx": args.n_ctx, "dtype": args.dtype, "kv": args.kv,
                     "adapter": args.adapter, "rope_scaling": args.rope_scaling,
-                    "rope_factor": args.rope_factor, "quant": args.quant}
+                    "rope_factor": args.rope_factor, "quant": args.quant,
+                    "speculative": args.speculative}
     app = create_app(engine, names, api_key=args.api_key, keep_alive_s=args.keep_alive,
                      max_queue=args.max_queue, embedder=None if args.no_embeddings else ...,
                      store=args.store,

@@ -53,6 +53,10 @@ def open_backend(spec: ModelSpec, backend: str | None = None, **options: Any) ->
     kwargs = {k: v for k, v in options.items() if v is not None}
     if name != "llama.cpp" and kwargs.get("kv") == "auto":
         del kwargs["kv"]  # the default KV layout choice; other backends have no such choice
+    if name != "llama.cpp" and kwargs.get("speculative") not in (None, "off"):
+        raise InvalidRequest("speculative", f"only the llama.cpp backend speculates, not {name}")
+    if name != "llama.cpp":
+        kwargs.pop("speculative", None)
     if name == "remote":
         return _open_remote(cls, spec, kwargs)
     result: Backend = cls(spec.path, **kwargs)
@@ -107,6 +111,12 @@ class Engine:
         if backend is None and wants_hf and resolve(name, self.home).format != "remote":
             backend = "transformers"
         spec = prepare(resolve(name, self.home), backend, self.home)
+        draft = backend_options.get("speculative")
+        if isinstance(draft, str) and draft.startswith("draft:") and draft != "draft:":
+            # The draft model by name, as the file llama.cpp will run.
+            path = prepare(resolve(draft.removeprefix("draft:"), self.home), "llama.cpp",
+                           self.home).path
+            backend_options = {**backend_options, "speculative": f"draft:{path}"}
         if (backend or spec.backend) == "transformers" and spec.format == "gguf":
             # Conversions belong to this engine's home, not LANNER_HOME's.
             backend_options.setdefault("cache_dir", self.home / "converted")

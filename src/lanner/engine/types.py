@@ -171,10 +171,26 @@ class TextDelta:
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    drafted_tokens: int = 0
+    """Speculative decoding: draft tokens the model checked for this answer."""
+    accepted_tokens: int = 0
+    """Of those, the ones it kept (what it would have sampled itself)."""
 
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
+
+
+def speculation_log(mode: str | None, usage: Usage | None) -> dict[str, object]:
+    """What a logged response keeps of speculative decoding (added to its
+    sampling settings): the drafter and its counts; nothing when it was off."""
+    if mode in (None, "off"):
+        return {}
+    drafted = usage.drafted_tokens if usage else 0
+    accepted = usage.accepted_tokens if usage else 0
+    return {"speculative": {"mode": mode, "drafted_tokens": drafted,
+                            "accepted_tokens": accepted,
+                            "acceptance_rate": round(accepted / drafted, 4) if drafted else None}}
 
 
 @dataclass(frozen=True, slots=True)

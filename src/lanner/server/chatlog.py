@@ -19,7 +19,14 @@ from typing import Any
 from lanner import paths
 from lanner.backends import rope
 from lanner.engine.model import Model
-from lanner.engine.types import Completion, Event, Finish, Request, TextDelta
+from lanner.engine.types import (
+    Completion,
+    Event,
+    Finish,
+    Request,
+    TextDelta,
+    speculation_log,
+)
 from lanner.server.serving import ServerState
 from lanner.store import Store, Turn
 
@@ -76,7 +83,9 @@ class TurnRecorder:
             chat_format_hash=fmt.template_hash,
             system=system if isinstance(system, str) else None,
             prompt=str(self._messages[-1].get("content") or ""), response="".join(self._parts),
-            messages=self._messages, sampling=request.sampling(), seed=request.seed,
+            messages=self._messages, sampling={**request.sampling(),
+                      **speculation_log(getattr(backend, "speculative", None),
+                                        finish.usage if finish else None)}, seed=request.seed,
             prompt_tokens=finish.usage.prompt_tokens if finish else len(request.prompt),
             completion_tokens=finish.usage.completion_tokens if finish else self._tokens,
             finish_reason=finish.reason if finish else "cancelled",

@@ -1,0 +1,237 @@
+"""Speculative decoding against plain decoding, in one run, greedy, on one model:
+
+  * single stream, in process (what `lanner run` does): each prompt through a
+    model loaded with `--speculative off` and with `ngram` (and `draft:MODEL`
+    with --draft), in alternating order, a fresh prompt per repeat (a serial
+    number first, so no side reuses a cached answer); tokens/s of the whole
+    request (prompt + answer). The texts must be identical, else it exits 1.
+    Input-grounded prompts (an answer quoting a given passage, a code edit
+    returning a given function with one name changed, a summary of a given
+    list) against open-ended ones.
+  * 8 concurrent streams through `lanner serve --speculative off|ngram`, both
+    servers up, alternating rounds (the same grounded and open-ended prompts).
+
+Usage: python benchmarks/speculative.py [--target smollm2] [--draft MODEL] [--quick]
+`--target qwen2.5-coder-0.5b` needs `make qwen` (skipped with a message otherwise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import httpx
+
+sys.path.insert(0, str(Path(__file__).parent))
+from serve_throughput import free_port, start  # noqa: E402
+
+from lanner.engine.engine import Engine  # noqa: E402
+from lanner.engine.model import Model  # noqa: E402
+from lanner.engine.types import collect  # noqa: E402
+from lanner.errors import ModelNotFound  # noqa: E402
+
+PASSAGE = (
+    "The Thames is a river that flows through southern England, including London. At "
+    "346 kilometres, it is the longest river entirely in England and the second-longest "
+    "in the United Kingdom, after the Severn. It rises at Thames Head in Gloucestershire "
+    "and flows into the Thames Estuary on the North Sea between Essex and Kent."
+)
+FUNCTION = '''def average_score(scores):
+    """The mean of a list of scores, or 0 for an empty list."""
+    if not scores:
+        return 0
+    total = 0
+    for score in scores:
+        total += score
+    return total / len(scores)
+'''
+ITEMS = ["buy milk and eggs", "call the plumber about the kitchen sink",
+         "book train tickets to Edinburgh for Friday", "return the library books",
+         "send the quarterly report to Maria", "renew the car insurance",
+         "water the tomato plants", "pick up the dry cleaning"]
+
+GROUNDED = {
+    "quote": f"Here is a passage:\n\n{PASSAGE}\n\nQuote the passage's sentence about the "
+             "river's length exactly, then the whole passage word for word.",
+    "code-edit": f"Rename the variable `total` to `running_sum` in this function and return "
+                 f"the whole function, unchanged otherwise:\n\n```python\n{FUNCTION}```",
+    "summary": "Summarise this to-do list, repeating each item as written:\n"
+               + "\n".join(f"- {item}" for item in ITEMS),
+}
+OPEN = {
+    "story": "Write a short story about a lighthouse keeper.",
+    "explain": "Explain how rainbows form.",
+    "advice": "Give me some tips for learning to play the guitar.",
+}
+
+
+STEPS: dict[int, int] = {}
+"""llama_decode calls per model: steps taken, whatever the machine's load."""
+
+
+def one(model: Model, text: str, n: int) -> tuple[list[int], str, int, float, float]:
+    """(token ids, text, completion tokens, seconds after the first token, whole
+    seconds) of one greedy chat answer."""
+    request = model.chat_request([{"role": "user", "content": text}], temperature=0,
+                                 max_tokens=n)
+    calls = model.backend.decode_calls  # type: ignore[attr-defined]
+    start = time.perf_counter()
+    out = collect(model.backend.stream(request))
+    seconds = time.perf_counter() - start
+    STEPS[id(model)] = STEPS.get(id(model), 0) + model.backend.decode_calls - calls  # type: ignore[attr-defined]
+    assert out.finish is not None
+    decode = out.finish.timings.total_s - out.finish.timings.ttft_s
+    return ([t.id for t in out.tokens], out.text, out.finish.usage.completion_tokens,
+            decode, seconds)
+
+
+def single_stream(models: dict[str, Model], n: int, repeats: int) -> bool:
+    """Per prompt and side: tokens and seconds over the repeats; ratios per group.
+    Decode tok/s counts the tokens after the first over the time after it (the
+    prompt's decoding is the same work on both sides); whole: all of the request."""
+    same = True
+    totals: dict[tuple[str, str], list[float]] = {}
+    serial = 0
+    for group, prompts in (("grounded", GROUNDED), ("open-ended", OPEN)):
+        for name, text in prompts.items():
+            per: dict[str, list[float]] = {side: [0.0, 0.0, 0.0, 0.0] for side in models}
+            for r in range(repeats):
+                serial += 1
+                sides = list(models) if r % 2 == 0 else list(reversed(models))
+                outs = {}
+                for side in sides:
+                    ids, answer, tokens, decode, whole = one(models[side], f"#{serial}. {text}", n)
+                    outs[side] = (ids, answer)
+                    for i, value in enumerate((tokens, decode, whole, 1)):
+                        per[side][i] += value
+                base = outs["off"]
+                for side, out in outs.items():
+                    if out[0] != base[0]:
+                        same = False
+                        print(f"  MISMATCH {name} r{r} {side}: {out[1][:60]!r} vs {base[1][:60]!r}")
+            line = f"  {group:<10} {name:<10}"
+            for side, sums in per.items():
+                acc = totals.setdefault((group, side), [0.0, 0.0, 0.0, 0.0])
+                for i, value in enumerate(sums):
+                    acc[i] += value
+                line += f"  {side} {rate(sums):6.1f} tok/s ({rate(sums) / rate(per['off']):.2f}x)"
+            print(line, flush=True)
+    for group in ("grounded", "open-ended"):
+        off = totals[(group, "off")]
+        for side in models:
+            got = totals[(group, side)]
+            print(f"  {group:<10} all  {side:<14} decode {rate(got):6.1f} tok/s "
+                  f"{rate(got) / rate(off):.2f}x plain;  whole request {rate(got, 2):6.1f} "
+                  f"tok/s {rate(got, 2) / rate(off, 2):.2f}x", flush=True)
+    tokens = sum(totals[(g, "off")][0] for g in ("grounded", "open-ended"))
+    for side, model in models.items():
+        stats = getattr(model.backend, "stats", dict)()
+        print(f"  {side}: {STEPS[id(model)]} decode steps for {tokens:.0f} tokens (prompts "
+              f"included); drafted {stats.get('spec_drafted_tokens')}, accepted "
+              f"{stats.get('spec_accepted_tokens')} ({stats.get('spec_acceptance_rate')})")
+    print(f"  same text with and without speculation: {'yes' if same else 'NO'}", flush=True)
+    return same
+
+
+def rate(sums: list[float], which: int = 1) -> float:
+    """Tokens per second of sums (tokens, seconds after the first token, whole
+    seconds, requests): after each first token (``which`` 1) or whole (2)."""
+    tokens = sums[0] - sums[3] if which == 1 else sums[0]
+    return tokens / sums[which] if sums[which] else 0.0
+
+
+async def stream_one(session: aiohttp.ClientSession, url: str, text: str, n: int) -> int:
+    body = {"model": "m", "stream": True, "max_tokens": n, "temperature": 0,
+            "stream_options": {"include_usage": True},
+            "messages": [{"role": "user", "content": text}]}
+    tokens = 0
+    async with session.post(f"{url}/v1/chat/completions", json=body) as resp:
+        resp.raise_for_status()
+        async for raw in resp.content:
+            line = raw.decode()
+            if '"usage":' in line and '"completion_tokens"' in line:
+                tokens = json.loads(line[6:])["usage"]["completion_tokens"]
+    return tokens
+
+
+async def concurrent(url: str, streams: int, n: int, serial: int) -> float:
+    prompts = [*GROUNDED.values(), *OPEN.values()]
+    timeout = aiohttp.ClientTimeout(total=1200)
+    async with aiohttp.ClientSession(timeout=timeout,
+                                     connector=aiohttp.TCPConnector(limit=0)) as session:
+        start = time.perf_counter()
+        counts = await asyncio.gather(*(
+            stream_one(session, url, f"#{serial}-{i}. {prompts[i % len(prompts)]}", n)
+            for i in range(streams)))
+        return sum(counts) / (time.perf_counter() - start)
+
+
+def serving(target: str, streams: int, n: int, rounds: int) -> None:
+    procs, urls = {}, {}
+    try:
+        for side in ("off", "ngram"):
+            port = free_port()
+            cmd = [sys.executable, "-m", "lanner", "serve", target, "--port", str(port),
+                   "--no-embeddings", "--speculative", side, "--keep-alive", "-1"]
+            procs[side] = start(cmd, port, "/health")
+            urls[side] = f"http://127.0.0.1:{port}"
+            asyncio.run(concurrent(urls[side], 1, 8, 0))  # load the model
+        got: dict[str, list[float]] = {"off": [], "ngram": []}
+        for r in range(rounds):
+            for side in (("off", "ngram") if r % 2 == 0 else ("ngram", "off")):
+                got[side].append(asyncio.run(concurrent(urls[side], streams, n, 1000 + r)))
+        off, spec = statistics.median(got["off"]), statistics.median(got["ngram"])
+        print(f"  {streams} streams through lanner serve: off {off:.1f} tok/s, ngram "
+              f"{spec:.1f} tok/s ({spec / off:.2f}x; rounds: "
+              f"{[round(a / b, 2) for a, b in zip(got['ngram'], got['off'], strict=True)]})")
+        metrics = httpx.get(urls["ngram"] + "/metrics", timeout=10).text
+        print("  " + "\n  ".join(ln for ln in metrics.splitlines()
+                                 if ln.startswith("lanner_backend_spec")))
+    finally:
+        for proc in procs.values():
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", default="smollm2")
+    parser.add_argument("--draft", help="also a draft model, e.g. smollm2-q4_1")
+    parser.add_argument("--tokens", type=int, default=160)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--streams", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--skip-serve", action="store_true")
+    parser.add_argument("--quick", action="store_true",
+                        help="64 tokens, one repeat, one serving round")
+    args = parser.parse_args()
+    if args.quick:
+        args.tokens, args.repeats, args.rounds = 64, 1, 1
+    engine = Engine()
+    sides = {"off": "off", "ngram": "ngram"}
+    if args.draft:
+        sides[f"draft:{args.draft}"] = f"draft:{args.draft}"
+    try:
+        models = {side: engine.load(args.target, speculative=value, n_ctx=2048)
+                  for side, value in sides.items()}
+    except ModelNotFound as e:
+        print(f"skipped: {args.target} is not registered here ({e}); `make qwen` adds "
+              "qwen2.5-coder-0.5b")
+        return 0
+    print(f"{args.target} ({models['off'].spec.path.name}), greedy, {args.tokens} tokens, "
+          f"{args.repeats} repeats", flush=True)
+    same = single_stream(models, args.tokens, args.repeats)
+    engine.close()
+    if not args.skip_serve:
+        serving(args.target, args.streams, args.tokens, args.rounds)
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,378 @@
+"""Speculative decoding for the llama.cpp backend: cheap drafts, checked in one pass.
+
+A generating sequence proposes a few tokens (a *draft*) and feeds them after its
+last real token in the same ``llama_decode``; the target model's logits at every
+draft position come back at once. The request's own sampler chain then samples
+row after row: while the sampled token equals the draft's, the draft's KV cell is
+already right and the next row is valid; at the first difference the sampled
+token is kept, the rest of the draft is dropped from the KV cache, and after a
+fully accepted draft the last row gives one more token for free.
+
+Drafters (``--speculative``):
+
+- ``ngram`` (prompt lookup): the tokens that followed the latest earlier
+  occurrence of the sequence's last 3, 2 or 1 tokens, in the prompt or the text
+  so far. Costs nothing to propose; wins when the answer quotes its input.
+- ``draft:MODEL``: a smaller model with the same vocabulary proposes its greedy
+  continuation (``DraftModel``).
+
+Why the output does not change: both drafters are deterministic, so the draft
+distribution q is a point mass on the proposed token d. The standard rule
+(accept with min(1, p(d)/q(d)) = p(d), else resample from the normalised
+residual max(0, p - q), which is p without d) emits d with probability p(d) and
+any other x with probability p(x): exactly "sample x from p, accept the draft
+when x == d". That is what the chain does, with its penalties, truncation,
+temperature and seeded draw, so greedy output is token-identical to plain
+decoding and sampled output has the plain sampler's distribution (with the same
+seed it draws the same numbers in the same order).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lanner.errors import InvalidRequest
+
+MODES = ("ngram", "off")
+"""Values of ``--speculative`` besides ``draft:MODEL``."""
+
+NGRAM_SIZES = (3, 2, 1)
+"""Suffix lengths tried, longest first (prompt lookup)."""
+K_MAX = 12
+"""Most draft tokens per sequence and step."""
+SPEC_BATCH_TOKENS = 16
+"""Drafts fill a step's batch up to this many tokens at most; within that, as
+many as pay for themselves (``allocate``): none once the batch is full."""
+PRIOR_ACCEPT, PRIOR_WEIGHT = 0.6, 4.0
+"""A new request's draft tokens are expected right this often, as if seen
+this many times before its own."""
+OFF_AFTER_TRIALS, OFF_BELOW_RATE = 32, 0.2
+"""A request stops drafting once this many draft tokens were checked and
+fewer than this share were right."""
+
+
+def parse(value: str) -> tuple[str, str | None]:
+    """``"ngram"`` -> ("ngram", None); ``"draft:NAME"`` -> ("draft", "NAME")."""
+    if value.startswith("draft:"):
+        name = value.removeprefix("draft:")
+        if not name:
+            raise InvalidRequest("speculative", "draft: needs a model, e.g. draft:smollm2-q4_1")
+        return "draft", name
+    if value not in MODES:
+        raise InvalidRequest("speculative",
+                             f"must be ngram, draft:MODEL or off, got {value!r}")
+    return value, None
+
+
+class NgramIndex:
+    """Where each short n-gram of a growing token list last occurred.
+
+    ``index[ngram]`` is the position just after its latest occurrence that has a
+    token after it, so a lookup of the list's own suffix finds an earlier place.
+    """
+
+    def __init__(self, tokens: list[int]) -> None:
+        self.tokens = tokens
+        self._index: dict[tuple[int, ...], int] = {}
+        self._done = 0
+        self._update()
+
+    def append(self, token: int) -> None:
+        self.tokens.append(token)
+
+    def propose(self, k: int) -> list[int]:
+        """Up to ``k`` tokens that followed the longest suffix seen before."""
+        self._update()
+        t = self.tokens
+        for n in NGRAM_SIZES:
+            if len(t) < n:
+                continue
+            end = self._index.get(tuple(t[-n:]))
+            if end is not None:
+                return t[end:end + k]
+        return []
+
+    def _update(self) -> None:
+        t = self.tokens
+        for end in range(max(self._done, 1), len(t)):  # n-grams ending before t[end]
+            for n in NGRAM_SIZES:
+                if end >= n:
+                    self._index[tuple(t[end - n:end])] = end
+        self._done = max(self._done, len(t))
+
+
+class SpecState:
+    """One request's speculation: its counters, acceptance estimate and off switch."""
+
+    def __init__(self, mode: str, history: list[int]) -> None:
+        self.mode = mode
+        self.history = history
+        """Prompt and emitted tokens (what the sequence's KV holds, drafts aside)."""
+        self.ngrams = NgramIndex(history) if mode == "ngram" else None
+        self.k = K_MAX
+        self.enabled = True
+        self.drafted = 0
+        self.accepted = 0
+        self.trials = 0
+        """Draft tokens actually checked: the accepted ones and each first miss."""
+
+    @property
+    def accept_rate(self) -> float:
+        """How often a checked draft token is right (with a prior)."""
+        return ((self.accepted + PRIOR_ACCEPT * PRIOR_WEIGHT)
+                / (self.trials + PRIOR_WEIGHT))
+
+    def append(self, token: int) -> None:
+        self.history.append(token)
+
+    def propose(self, k: int) -> list[int]:
+        assert self.ngrams is not None
+        return self.ngrams.propose(k)
+
+    def settle(self, drafted: int, accepted: int) -> None:
+        """A round's outcome; switch off when acceptance stays low."""
+        self.drafted += drafted
+        self.accepted += accepted
+        self.trials += accepted + (accepted < drafted)
+        if self.trials >= OFF_AFTER_TRIALS and self.accepted < OFF_BELOW_RATE * self.trials:
+            self.enabled = False
+
+
+class StepCosts:
+    """Seconds one ``llama_decode`` of n tokens takes here (a moving average per
+    n, learnt from every step): what decides how many draft tokens pay."""
+
+    def __init__(self, most: int) -> None:
+        self.seconds: list[float | None] = [None] * (most + 1)
+
+    def record(self, n: int, seconds: float) -> None:
+        if 0 < n < len(self.seconds):
+            old = self.seconds[n]
+            self.seconds[n] = seconds if old is None else 0.8 * old + 0.2 * seconds
+
+    def cost(self, n: int) -> float | None:
+        """The nearest known cost at or below n (optimistic: an untried size
+        gets tried); None before any step."""
+        for m in range(min(n, len(self.seconds) - 1), 0, -1):
+            if self.seconds[m] is not None:
+                return self.seconds[m]
+        return None
+
+    def allocate(self, rates: list[float], caps: list[int], n_gen: int) -> list[int]:
+        """Draft tokens per sequence that maximise expected tokens per second.
+
+        ``n_gen`` sequences generate this step; sequence i wants up to
+        ``caps[i]`` draft tokens, each right with probability ``rates[i]`` if
+        the ones before it were. Draft tokens are added most-likely-first; the
+        best prefix of that order wins."""
+        base = self.cost(n_gen)
+        ks = [0] * len(rates)
+        if base is None:
+            return ks
+        nxt = {i: r for i, r in enumerate(rates) if caps[i] > 0}  # P(its next one is kept)
+        taken = [0] * len(rates)
+        order: list[tuple[float, int]] = []
+        while nxt and len(order) < len(self.seconds) - 1 - n_gen:
+            i = max(nxt, key=lambda j: nxt[j])
+            order.append((nxt[i], i))
+            taken[i] += 1
+            if taken[i] < caps[i]:
+                nxt[i] *= rates[i]
+            else:
+                del nxt[i]
+        best, best_len, gain = n_gen / base, 0, 0.0
+        for length, (prob, _) in enumerate(order, 1):
+            gain += prob
+            cost = self.cost(n_gen + length)
+            if cost is not None and (n_gen + gain) / cost > best:
+                best, best_len = (n_gen + gain) / cost, length
+        for _, i in order[:best_len]:
+            ks[i] += 1
+        return ks
+
+
+@dataclass
+class _DraftSeq:
+    tokens: list[int]
+    last_used: int = 0
+
+
+class DraftModel:
+    """A smaller GGUF with the target's vocabulary, proposing greedy drafts.
+
+    It keeps a KV sequence per target slot (same ids), synced to the slot's
+    history before each round; all drafting sequences decode together, one
+    token per step. Owned and called by the scheduler thread only.
+    """
+
+    def __init__(self, path: Path, target_vocab: Any, *, n_ctx: int, n_seq_max: int,
+                 n_threads: int, n_batch: int) -> None:
+        from .llamacpp_native import ContextConfig, Vocab, create_context, load_model
+        from .llamacpp_sched import _Batch
+
+        self.path = path
+        self.model = load_model(path)
+        self.ctx: Any = None
+        self.batch: Any = None
+        try:
+            self.vocab = Vocab(self.model)
+            check_vocab(target_vocab, self.vocab, path)
+            cfg = ContextConfig(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
+                                n_seq_max=n_seq_max, n_threads=n_threads, flash_attn=True)
+            self.ctx = create_context(self.model, cfg, path)
+            self.batch = _Batch(n_batch)
+        except BaseException:
+            self.close()
+            raise
+        self.n_ctx, self.n_batch = n_ctx, n_batch
+        self.limit = min(self.vocab.n_vocab, target_vocab.n_vocab)
+        self._seqs: dict[int, _DraftSeq] = {}
+        self._clock = 0
+
+    def propose(self, items: list[tuple[int, list[int], int]]) -> list[list[int]]:
+        """Greedy drafts: ``items`` are (sequence id, history, tokens wanted)."""
+        import numpy as np
+
+        from .llamacpp_jobs import logits_row
+
+        drafts: list[list[int]] = [[] for _ in items]
+        if not items:
+            return drafts
+        try:
+            rows = self._sync(items)
+        except _NoRoom:
+            self._drop_all()
+            return drafts
+        live = list(range(len(items)))
+        for _ in range(max(k for _, _, k in items)):
+            for i in live:
+                token = int(np.argmax(logits_row(self.ctx, rows[i], self.vocab.n_vocab)))
+                if token >= self.limit or self.vocab.is_eog(token):
+                    items[i] = (items[i][0], items[i][1], 0)
+                else:
+                    drafts[i].append(token)
+            live = [i for i in live if len(drafts[i]) < items[i][2]]
+            if not live:
+                break
+            self.batch.n = 0
+            for j, i in enumerate(live):
+                seq = self._seqs[items[i][0]]
+                self.batch.add(drafts[i][-1], len(seq.tokens), items[i][0], True)
+                seq.tokens.append(drafts[i][-1])
+                rows[i] = j
+            if not self._decode():
+                self._drop_all()
+                break
+        return drafts
+
+    def _sync(self, items: list[tuple[int, list[int], int]]) -> list[int]:
+        """Bring each sequence's cache to its history; returns each one's output row."""
+        import llama_cpp
+
+        mem = llama_cpp.llama_get_memory(self.ctx)
+        self._clock += 1
+        todo: list[tuple[int, list[int]]] = []
+        for seq_id, history, _ in items:
+            seq = self._seqs.setdefault(seq_id, _DraftSeq([]))
+            seq.last_used = self._clock
+            keep = 0
+            for a, b in zip(seq.tokens, history[:-1], strict=False):
+                if a != b:
+                    break
+                keep += 1
+            if keep < len(seq.tokens):
+                llama_cpp.llama_memory_seq_rm(mem, seq_id, keep, -1)
+                del seq.tokens[keep:]
+            todo.append((seq_id, history[keep:]))
+        self._make_room(sum(len(feed) for _, feed in todo), {s for s, _, _ in items})
+        rows = [0] * len(items)
+        pending = [(i, s, f) for i, (s, f) in enumerate(todo)]
+        while pending:  # chunks of at most n_batch tokens; the last of each feed outputs
+            self.batch.n = 0
+            left: list[tuple[int, int, list[int]]] = []
+            for i, seq_id, feed in pending:
+                room = self.n_batch - self.batch.n
+                take = feed[:room]
+                seq = self._seqs[seq_id]
+                for t, token in enumerate(take):
+                    last = t == len(feed) - 1
+                    if last:
+                        rows[i] = self.batch.n
+                    self.batch.add(token, len(seq.tokens), seq_id, last)
+                    seq.tokens.append(token)
+                if len(take) < len(feed):
+                    left.append((i, seq_id, feed[len(take):]))
+            if not self._decode():
+                raise _NoRoom
+            pending = left
+        return rows
+
+    def _make_room(self, want: int, busy: set[int]) -> None:
+        import llama_cpp
+
+        used = sum(len(s.tokens) for s in self._seqs.values())
+        for seq_id, seq in sorted(self._seqs.items(), key=lambda kv: kv[1].last_used):
+            if used + want <= self.n_ctx:
+                return
+            if seq_id not in busy and seq.tokens:
+                llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.ctx), seq_id, -1, -1)
+                used -= len(seq.tokens)
+                seq.tokens = []
+        if used + want > self.n_ctx:
+            raise _NoRoom
+
+    def _decode(self) -> bool:
+        from .llamacpp_native import decode
+
+        self.batch.raw.n_tokens = self.batch.n
+        return decode(self.ctx, self.batch.raw) == 0
+
+    def _drop_all(self) -> None:
+        import llama_cpp
+
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
+        self._seqs.clear()
+
+    def close(self) -> None:
+        import llama_cpp
+
+        if self.batch is not None:
+            self.batch.free()
+            self.batch = None
+        if self.ctx is not None:
+            llama_cpp.llama_free(self.ctx)
+            self.ctx = None
+        if self.model is not None:
+            llama_cpp.llama_model_free(self.model)
+            self.model = None
+
+
+class _NoRoom(Exception):
+    """The draft cache cannot hold the histories: skip this round's drafts."""
+
+
+MAX_VOCAB_DIFFERENCE = 128
+"""Extra tokens one vocabulary may have (added special tokens), as llama.cpp's
+speculative example allows; every shared id must be the same text."""
+
+
+def check_vocab(target: Any, draft: Any, path: Path) -> None:
+    """Refuse a draft model whose tokens are not the target's (an ``InvalidRequest``
+    naming the first difference)."""
+    import llama_cpp
+
+    def refuse(why: str) -> InvalidRequest:
+        return InvalidRequest("speculative", f"the draft model {path.name} cannot draft for "
+                              f"this model: its vocabulary differs ({why})")
+
+    kinds = (llama_cpp.llama_vocab_type(target.ptr), llama_cpp.llama_vocab_type(draft.ptr))
+    if kinds[0] != kinds[1]:
+        raise refuse(f"tokenizer type {kinds[1]} vs {kinds[0]}")
+    if abs(target.n_vocab - draft.n_vocab) > MAX_VOCAB_DIFFERENCE:
+        raise refuse(f"{draft.n_vocab} tokens vs {target.n_vocab}")
+    for token in range(min(target.n_vocab, draft.n_vocab)):
+        if target.text_of(token) != draft.text_of(token):
+            raise refuse(f"token {token} is {draft.text_of(token)!r}, "
+                         f"not {target.text_of(token)!r}")
