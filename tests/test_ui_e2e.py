@@ -386,6 +386,17 @@ def test_an_answer_from_an_uploaded_document_cites_and_opens_the_passage(
     _until_idle(server)
     assert [t.prompt for t in logged_turns(server, conversation_id(page), 2)] == [QUESTION]
 
+    # the log keeps the answer's citations: reopened, it still opens its passage
+    page.reload()
+    expect(page.locator("body")).to_have_attribute("data-ready", "true")
+    expect(page.locator(".msg.user .body")).to_have_text([QUESTION])
+    reopened = page.locator(".msg.assistant").last
+    expect(reopened.locator("button.cite")).to_have_text(["1"])
+    reopened.locator("button.cite").click()
+    expect(dialog.locator("#passage-title")).to_have_text("[1] lighthouse.txt")
+    expect(dialog.locator("mark")).to_have_text(DOC.strip())
+    shot(page, "08-cited-answer-reopened")
+
 
 def test_an_answer_that_cites_nothing_shows_the_right_passage(page: Any) -> None:
     """Two files; the 135M model answers this question without citing (at

@@ -46,6 +46,7 @@ class TurnRecorder:
         self._tokens = 0
         self._parts: list[str] = []
         self._finish: Finish | None = None
+        self._citations: dict[str, Any] | None = None
         self._closed = False
 
     def feed(self, index: int, ev: Event) -> None:
@@ -58,9 +59,12 @@ class TurnRecorder:
         elif isinstance(ev, Finish):
             self._finish = ev
 
-    def completed(self, result: Completion, text: str | None = None) -> None:
-        """A collected answer (non-streamed routes); ``text`` replaces its text."""
+    def completed(self, result: Completion, text: str | None = None,
+                  citations: dict[str, Any] | None = None) -> None:
+        """A collected answer (non-streamed routes); ``text`` replaces its text;
+        a documents answer's ``citations`` are logged with it."""
         self._parts = [result.text if text is None else text]
+        self._citations = citations
         self._tokens = len(result.tokens)
         self._finish = result.finish
 
@@ -88,7 +92,7 @@ class TurnRecorder:
                                         finish.usage if finish else None)}, seed=request.seed,
             prompt_tokens=finish.usage.prompt_tokens if finish else len(request.prompt),
             completion_tokens=finish.usage.completion_tokens if finish else self._tokens,
-            finish_reason=finish.reason if finish else "cancelled",
+            finish_reason=finish.reason if finish else "cancelled", citations=self._citations,
             ttft_s=finish.timings.ttft_s if finish else self._ttft,
             total_s=finish.timings.total_s if finish else total,
             created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),

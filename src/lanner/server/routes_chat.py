@@ -123,7 +123,7 @@ async def _documents_answer(state: ServerState, body: p.ChatCompletionRequest,
     answer = cited(prepared[0], result.text)
     recorder = _recorder(state, body, run)
     if recorder is not None:
-        recorder.completed(result, answer.marked_text())
+        recorder.completed(result, answer.marked_text(), answer.to_json())
         recorder.close()
     choice = p.ChatChoice(index=0, message=p.ChoiceMessage(content=answer.marked_text()),
                           logprobs=p.chat_logprobs(result.tokens) if body.logprobs else None,
