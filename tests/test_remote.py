@@ -356,3 +356,23 @@ def test_models_fit_and_info_know_a_remote(lanner_home: Path,
     assert main([*home, "info", "odd"]) == 1
     assert "odd is a remote engine serving 'm', which the catalog does not know" in \
         capsys.readouterr().err
+
+
+def test_echo_text_offsets_point_into_the_prompt_with_a_sentencepiece_model(
+        upstream: LiveServer) -> None:
+    """tinycoder's first piece spells SentencePiece's leading space, which the
+    prompt lacks: every offset still points at its token's text."""
+    prompt = "Hello world, the quick brown fox"
+    for stream in (False, True):
+        reply = upstream.client().completions.create(
+            model="tinycoder", prompt=prompt, echo=True, logprobs=1, max_tokens=1,
+            temperature=0, stream=stream)
+        chunks = list(reply) if stream else [reply]
+        lp = chunks[0].choices[0].logprobs
+        assert lp is not None and lp.tokens and lp.text_offset
+        assert lp.tokens[0].startswith(" ") and lp.text_offset[0] == 0
+        echoed = [(t, o) for t, o in zip(lp.tokens, lp.text_offset, strict=True)
+                  if o < len(prompt)]
+        assert len(echoed) >= 5
+        for token, offset in echoed[1:]:
+            assert prompt[offset:offset + len(token)] == token, (token, offset)

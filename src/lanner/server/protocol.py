@@ -352,16 +352,25 @@ def chat_logprobs(tokens: list[Token] | tuple[Token, ...]) -> dict[str, Any]:
 
 def completion_logprobs(tokens: list[Token] | tuple[Token, ...], offset: int) -> dict[str, Any]:
     """``choices[i].logprobs`` of a legacy completion; ``offset`` is where the
-    first token's text starts in the choice's text."""
+    first token's text starts in the choice's text (negative when the tokens
+    spell a leading space the text lacks: a SentencePiece prompt's first piece;
+    offsets never go below 0)."""
     out: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [],
                            "text_offset": []}
     for t in tokens:
         out["tokens"].append(t.text)
         out["token_logprobs"].append(t.logprob)
         out["top_logprobs"].append({a.token: a.logprob for a in t.top} if t.top else None)
-        out["text_offset"].append(offset)
+        out["text_offset"].append(max(offset, 0))
         offset += len(t.text)
     return out
+
+
+def echo_offset(text: str, tokens: list[Token] | tuple[Token, ...]) -> int:
+    """Where an echoed prompt's first token starts in its text: the pieces
+    may spell one more leading character than the prompt (SentencePiece's
+    dummy prefix " "), which belongs to no character of the text."""
+    return len(text) - sum(len(t.text) for t in tokens)
 
 
 # -- response shapes (published in the OpenAPI schema) -------------------------

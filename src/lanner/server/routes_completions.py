@@ -151,7 +151,8 @@ async def completions(body: p.CompletionRequest, http: Request) -> Any:
         lp = None
         if body.logprobs is not None:
             generated = r.tokens + await _end(run, body, i, r.tokens, r.finish)
-            lp = _joined(p.completion_logprobs(echo_tokens, 0),
+            start = p.echo_offset(echo_text, echo_tokens)
+            lp = _joined(p.completion_logprobs(echo_tokens, start),
                          p.completion_logprobs(generated, len(echo_text)))
         choices.append(p.CompletionChoice(index=i, text=echo_text + r.text, logprobs=lp,
                                           finish_reason=finish_reason(r)))
@@ -232,7 +233,8 @@ async def _sse(
     if body.echo:
         for i in range(len(run.requests)):
             text, tokens = echoes[i // body.n]
-            lp = p.completion_logprobs(tokens, 0) if wants_lp else None
+            lp = (p.completion_logprobs(tokens, p.echo_offset(text, tokens)) if wants_lp
+                  else None)
             yield event({**head, "choices": [_choice(i, text, lp)]})
     async for index, ev in events:
         if isinstance(ev, TextDelta) and (ev.text or (wants_lp and ev.tokens)):
