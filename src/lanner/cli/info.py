@@ -55,7 +55,7 @@ def _arch(a: Architecture, parameters: int) -> list[str]:
         ("attention heads", a.attention_heads),
         ("KV heads", f"{a.kv_heads} ({attention} attention)"),
         ("head dim", a.head_dim), ("vocabulary", a.vocab_size),
-        ("context length", a.context_length),
+        ("trained context", f"{a.context_length} tokens (--rope-scaling stretches it)"),
         ("sliding window", a.sliding_window or "none"),
     ]
     if a.experts:

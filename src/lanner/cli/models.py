@@ -7,7 +7,7 @@ import argparse
 import json
 
 from lanner import paths
-from lanner.engine.registry import available
+from lanner.engine.registry import ModelSpec, available
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,7 +27,8 @@ def run(args: argparse.Namespace) -> int:
         return _catalog(args)
     specs = available(paths.home(args.home))
     if args.json:
-        print(json.dumps([s.to_json() for s in specs], indent=2))
+        print(json.dumps([{**s.to_json(), "n_ctx_train": _trained_context(s)} for s in specs],
+                         indent=2))
         return 0
     if not specs:
         print("No models found. Install the bundled ones with `make install`, or give a path.")
@@ -35,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from lanner.catalog.licensing import licence_of
 
     home = paths.home(args.home)
-    rows: list[tuple[str, ...]] = [("NAME", "SIZE", "FORMAT", "LICENCE", "WHERE")]
+    rows: list[tuple[str, ...]] = [("NAME", "SIZE", "FORMAT", "CONTEXT", "LICENCE", "WHERE")]
     # A GGUF that llama.cpp re-encodes before running (the bundled smollm2 runs
     # as F16) says so: its size here is the shipped file's.
     for s in specs:
@@ -43,10 +44,24 @@ def run(args: argparse.Namespace) -> int:
         terms = f" ({'; '.join(lic.restrictions())})" if lic and lic.restrictions() else ""
         where = f"{s.remote.get('model')} at {s.remote['path']}" if s.remote else str(s.path)
         rows.append((s.name, "-" if s.remote else _size(s.size_bytes),
-                     s.format + (f" -> {s.weights}" if s.weights else ""), s.license + terms,
-                     where))
+                     s.format + (f" -> {s.weights}" if s.weights else ""),
+                     str(_trained_context(s) or "-"), s.license + terms, where))
     _table(rows)
+    print("CONTEXT: the context the model was trained with (--rope-scaling stretches it)")
     return 0
+
+
+def _trained_context(spec: ModelSpec) -> int | None:
+    """From the GGUF header or config.json (no weights read); None if unknown."""
+    from lanner.chat.metadata import read_metadata
+    from lanner.errors import LannerError
+
+    if spec.remote:
+        return None
+    try:
+        return read_metadata(spec).n_ctx_train or None
+    except LannerError:
+        return None
 
 
 def _catalog(args: argparse.Namespace) -> int:
@@ -67,7 +82,7 @@ def _catalog(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([asdict(e) for e in entries], indent=2))
         return 0
-    rows: list[tuple[str, ...]] = [("NAME", "PARAMS", "LAYERS", "HEADS/KV", "CONTEXT",
+    rows: list[tuple[str, ...]] = [("NAME", "PARAMS", "LAYERS", "HEADS/KV", "TRAINED CTX",
                                     "LICENCE", "OPEN W/I/T/D", "HUB")]
     for e in entries:
         a = e.arch
