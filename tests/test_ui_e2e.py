@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from playwright import sync_api
 
 from lanner import paths
 from lanner.store import Store
@@ -43,8 +44,6 @@ pytestmark = [
         reason="Debian's chromium is not installed at /usr/bin/chromium (`make install` "
         "installs it as root; or `apt-get install chromium`)"),
 ]
-sync_api = pytest.importorskip("playwright.sync_api",
-                               reason="playwright is not installed (pip install -e '.[dev]')")
 expect = sync_api.expect
 
 MODELS = ("smollm2", "smollm2-q4_1")
