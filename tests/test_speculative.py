@@ -59,8 +59,11 @@ def ngram(smollm2_gguf: Path) -> Iterator[LlamaCppBackend]:
 
 @pytest.mark.timeout(1800)  # 20 answers: seconds alone, ten minutes on a loaded shared box
 def test_greedy_ngram_is_token_identical_to_plain_decoding(
-    plain: LlamaCppBackend, ngram: LlamaCppBackend
+    plain: LlamaCppBackend, ngram: LlamaCppBackend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Every n-gram draft in full, whatever steps cost on this machine.
+    monkeypatch.setattr(speculative.StepCosts, "allocate",
+                        lambda self, rates, caps, n_gen: list(caps))
     for prompt in PROMPTS:
         want, got = greedy(plain, prompt), greedy(ngram, prompt)
         assert [t.id for t in got.tokens] == [t.id for t in want.tokens], prompt
@@ -68,7 +71,7 @@ def test_greedy_ngram_is_token_identical_to_plain_decoding(
         assert got.finish is not None and want.finish is not None
         assert got.finish.reason == want.finish.reason
     # The drafts were used, and enough were right to save steps.
-    assert ngram.drafted_tokens > 50
+    assert ngram.drafted_tokens > 100
     assert ngram.accepted_tokens >= 20
     assert plain.drafted_tokens == 0
     assert ngram.decode_calls <= plain.decode_calls - ngram.accepted_tokens // 2
