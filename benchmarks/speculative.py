@@ -146,8 +146,9 @@ def rate(sums: list[float], which: int = 1) -> float:
     return tokens / sums[which] if sums[which] else 0.0
 
 
-async def stream_one(session: aiohttp.ClientSession, url: str, text: str, n: int) -> int:
-    body = {"model": "m", "stream": True, "max_tokens": n, "temperature": 0,
+async def stream_one(session: aiohttp.ClientSession, url: str, model: str, text: str,
+                     n: int) -> int:
+    body = {"model": model, "stream": True, "max_tokens": n, "temperature": 0,
             "stream_options": {"include_usage": True},
             "messages": [{"role": "user", "content": text}]}
     tokens = 0
@@ -160,14 +161,14 @@ async def stream_one(session: aiohttp.ClientSession, url: str, text: str, n: int
     return tokens
 
 
-async def concurrent(url: str, streams: int, n: int, serial: int) -> float:
+async def concurrent(url: str, model: str, streams: int, n: int, serial: int) -> float:
     prompts = [*GROUNDED.values(), *OPEN.values()]
     timeout = aiohttp.ClientTimeout(total=1200)
     async with aiohttp.ClientSession(timeout=timeout,
                                      connector=aiohttp.TCPConnector(limit=0)) as session:
         start = time.perf_counter()
         counts = await asyncio.gather(*(
-            stream_one(session, url, f"#{serial}-{i}. {prompts[i % len(prompts)]}", n)
+            stream_one(session, url, model, f"#{serial}-{i}. {prompts[i % len(prompts)]}", n)
             for i in range(streams)))
         return sum(counts) / (time.perf_counter() - start)
 
@@ -181,11 +182,12 @@ def serving(target: str, streams: int, n: int, rounds: int) -> None:
                    "--no-embeddings", "--speculative", side, "--keep-alive", "-1"]
             procs[side] = start(cmd, port, "/health")
             urls[side] = f"http://127.0.0.1:{port}"
-            asyncio.run(concurrent(urls[side], 1, 8, 0))  # load the model
+            asyncio.run(concurrent(urls[side], target, 1, 8, 0))  # load the model
         got: dict[str, list[float]] = {"off": [], "ngram": []}
         for r in range(rounds):
             for side in (("off", "ngram") if r % 2 == 0 else ("ngram", "off")):
-                got[side].append(asyncio.run(concurrent(urls[side], streams, n, 1000 + r)))
+                got[side].append(asyncio.run(concurrent(urls[side], target, streams, n,
+                                                        1000 + r)))
         off, spec = statistics.median(got["off"]), statistics.median(got["ngram"])
         print(f"  {streams} streams through lanner serve: off {off:.1f} tok/s, ngram "
               f"{spec:.1f} tok/s ({spec / off:.2f}x; rounds: "

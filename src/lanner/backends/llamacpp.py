@@ -45,8 +45,9 @@ DEFAULT_MAX_CTX = 8192
 """Default context: the model's training context, but at most this (KV memory)."""
 
 KV_LAYOUTS = ("unified", "split", "auto")
-DEFAULT_SPECULATIVE = "ngram"
-"""Chosen by benchmarks/speculative.py (see docs/benchmarks.md)."""
+DEFAULT_SPECULATIVE = "off"
+"""Chosen by benchmarks/speculative.py (docs/benchmarks.md): on the bundled model
+n-gram drafts did not pay yet (0.94x open-ended, 0.90x at 8 streams)."""
 
 # Extra keyword options and their defaults.
 _OPTIONS: dict[str, int | bool | str] = {

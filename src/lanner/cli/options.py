@@ -39,8 +39,8 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                    "quarter of RAM, at most 4 GiB). Default: unified; serve: auto")
     g.add_argument("--speculative", metavar="ngram|draft:MODEL|off",
                    help="llama.cpp speculative decoding: 'ngram' drafts from the prompt and the "
-                   "text so far (default), 'draft:MODEL' from a smaller model with the same "
-                   "vocabulary, 'off' decodes one token per step. Output is unchanged")
+                   "text so far, 'draft:MODEL' from a smaller model with the same "
+                   "vocabulary, 'off' (default) decodes one token per step. Output is unchanged")
     g.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
                    help="weights dtype (transformers backend)")
     g.add_argument("--quant", choices=("int8", "int4"),
