@@ -11,7 +11,7 @@ fully accepted draft the last row gives one more token for free.
 Drafters (``--speculative``):
 
 - ``ngram`` (prompt lookup): the tokens that followed the latest earlier
-  occurrence of the sequence's last 3, 2 or 1 tokens, in the prompt or the text
+  occurrence of the sequence's last 3 or 2 tokens, in the prompt or the text
   so far. Costs nothing to propose; wins when the answer quotes its input.
 - ``draft:MODEL``: a smaller model with the same vocabulary proposes its greedy
   continuation (``DraftModel``).
@@ -38,7 +38,7 @@ from lanner.errors import InvalidRequest
 MODES = ("ngram", "off")
 """Values of ``--speculative`` besides ``draft:MODEL``."""
 
-NGRAM_SIZES = (3, 2, 1)
+NGRAM_SIZES = (3, 2)
 """Suffix lengths tried, longest first (prompt lookup)."""
 K_MAX = 12
 """Most draft tokens per sequence and step."""
