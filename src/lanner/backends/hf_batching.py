@@ -118,7 +118,7 @@ class Scheduler:
                     break
                 gone = [j for j in self.waiting if j.cancelled]
                 self.waiting = deque(j for j in self.waiting if not j.cancelled)
-                admitted = []
+                admitted: list[Job] = []
                 while self.waiting and len(self.active) + len(admitted) < self.n_slots:
                     admitted.append(self.waiting.popleft())
             for job in gone:
