@@ -22,6 +22,7 @@ from lanner.backends.remote_http import Retry, retry_after_s
 from lanner.backends.remote_prices import ledger
 from lanner.chat.session import ChatSession
 from lanner.cli import main
+from lanner.cli.logs import format_usage
 from lanner.engine.engine import Engine
 from lanner.engine.types import Request, TextDelta, collect
 from lanner.errors import LannerError, NotSupported, Overloaded, RemoteError
@@ -119,6 +120,9 @@ def test_session_log_and_priced_usage_ledger(upstream: LiveServer, lanner_home: 
     assert line["completion_tokens"] == len(answer)
     expected = (line["prompt_tokens"] * 2.0 + line["completion_tokens"] * 10.0) / 1e6
     assert line["cost"] == pytest.approx(expected) and line["currency"] == "USD"
+    # The logged turn keeps the same cost, and `lanner logs` shows it.
+    assert turn.cost == pytest.approx(expected) and turn.currency == "USD"
+    assert format_usage(turn).endswith(f"cost {turn.cost:.6g} USD")
 
 
 def test_a_bad_price_table_names_the_field(upstream: LiveServer, lanner_home: Path) -> None:

@@ -26,6 +26,7 @@ prompt (a raw completion, or one rendered with ``--chat-format``) goes to
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Generator, Iterator, Sequence
@@ -245,7 +246,8 @@ class RemoteBackend:
             yield tail
         state.finished = True
         reason: FinishReason = "length" if state.reason == "length" else "stop"
-        yield Finish(reason, state.usage(), Timings(ttft, time.perf_counter() - start))
+        yield Finish(reason, self._priced(state.usage()),
+                     Timings(ttft, time.perf_counter() - start))
 
     def _payload(self, request: Request, chat: bool) -> dict[str, Any]:
         payload: dict[str, Any] = {
@@ -274,18 +276,24 @@ class RemoteBackend:
             payload["response_format"] = _response_format(request, chat)
         return payload
 
-    def _record(self, path: str, state: _StreamState) -> None:
-        usage = state.usage()
+    def _priced(self, usage: Usage) -> Usage:
+        """``usage`` with its cost from the home's price table (none if unpriced)."""
         price = price_for(read_prices(self.home), self.config.name, self.config.model)
+        if price is None:
+            return usage
+        return dataclasses.replace(
+            usage, cost=round(price.cost(usage.prompt_tokens, usage.completion_tokens), 8),
+            currency=price.currency)
+
+    def _record(self, path: str, state: _StreamState) -> None:
+        usage = self._priced(state.usage())
         record(self.home, {
             "remote": self.config.name, "model": self.config.model, "url": self.config.url,
             "endpoint": path, "prompt_tokens": usage.prompt_tokens,
             "completion_tokens": usage.completion_tokens,
             "usage_from_server": state.server_usage is not None,
             "finish": state.reason if state.finished else "cancelled",
-            "cost": round(price.cost(usage.prompt_tokens, usage.completion_tokens), 8)
-            if price else None,
-            "currency": price.currency if price else None,
+            "cost": usage.cost, "currency": usage.currency,
         })
 
     # -- scoring --------------------------------------------------------------

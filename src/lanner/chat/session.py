@@ -204,6 +204,8 @@ class ChatSession:
             total_s=finish.timings.total_s if finish else total,
             created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             model_settings=rope.settings(backend),
+            cost=finish.usage.cost if finish else None,
+            currency=finish.usage.currency if finish else None,
         ))
 
     def _start(self) -> list[dict[str, Any]]:

@@ -117,4 +117,6 @@ def format_usage(turn: Turn) -> str:
     if turn.completion_tokens > 1 and decode_s > 0:
         # The first token's time is prefill; the rate counts the tokens after it.
         text += f"  ({(turn.completion_tokens - 1) / decode_s:.1f} tok/s)"
+    if turn.cost is not None:
+        text += f"  cost {turn.cost:.6g} {turn.currency or ''}".rstrip()
     return text

@@ -175,6 +175,10 @@ class Usage:
     """Speculative decoding: draft tokens the model checked for this answer."""
     accepted_tokens: int = 0
     """Of those, the ones it kept (what it would have sampled itself)."""
+    cost: float | None = None
+    """What the answer cost on a priced remote engine (``prices.toml``), in
+    ``currency``; None for local models and unpriced remotes."""
+    currency: str | None = None
 
     @property
     def total_tokens(self) -> int:

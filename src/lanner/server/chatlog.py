@@ -96,7 +96,9 @@ class TurnRecorder:
             ttft_s=finish.timings.ttft_s if finish else self._ttft,
             total_s=finish.timings.total_s if finish else total,
             created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            model_settings=rope.settings(backend))
+            model_settings=rope.settings(backend),
+            cost=finish.usage.cost if finish else None,
+            currency=finish.usage.currency if finish else None)
 
 
 def _write(home: Path, turn: Turn) -> None:

@@ -71,6 +71,9 @@ class Turn:
     citations: dict[str, object] | None = None
     """A documents answer's sources and checked citations (``Answer.to_json``);
     None for every other answer."""
+    cost: float | None = None
+    """What the answer cost on a priced remote engine (``prices.toml``)."""
+    currency: str | None = None
 
 
 # Column order of ``responses`` minus ``id``; JSON columns carry a ``_json`` suffix.
