@@ -98,13 +98,17 @@ def schema_constraint(value: str) -> Constraint:
     return constraint
 
 
-def load_model(args: argparse.Namespace, name: str | None) -> Model:
+def load_model(args: argparse.Namespace, name: str | None,
+               streams: int | None = None) -> Model:
+    """The model the verb names, with the model flags. ``streams``: how many
+    requests it must decode at once (None: the backend's default, 16 for
+    llama.cpp); a one-shot answer asks for 1, which sizes a smaller context."""
     from lanner.engine.engine import Engine
 
     options = {"n_ctx": args.n_ctx, "dtype": args.dtype, "kv": args.kv,
                "adapter": args.adapter, "rope_scaling": args.rope_scaling,
                "rope_factor": args.rope_factor, "quant": args.quant,
-               "speculative": args.speculative}
+               "speculative": args.speculative, "n_seq_max": streams}
     engine = Engine(args.home)
     licence_notice(engine.home, name or DEFAULT_MODEL)
     return engine.load(name or DEFAULT_MODEL, backend=args.backend,

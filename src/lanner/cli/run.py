@@ -29,7 +29,8 @@ def run(args: argparse.Namespace) -> int:
 
     prompt = options.read_prompt(args.prompt)
     sampling = options.sampling_options(args)
-    model = options.load_model(args, args.model)
+    # One answer at a time, unless a strategy samples several at once.
+    model = options.load_model(args, args.model, streams=None if args.strategy else 1)
     session = ChatSession(model, options.open_store(args), system=args.system, options=sampling)
     if args.tool:
         return tooling.run_with_tools(args, model, session, prompt)

@@ -58,6 +58,8 @@ def open_backend(spec: ModelSpec, backend: str | None = None, **options: Any) ->
     if name != "llama.cpp":
         kwargs.pop("speculative", None)
     if name == "remote":
+        kwargs.pop("n_seq_max", None)  # the server decides how many it decodes at once
+    if name == "remote":
         return _open_remote(cls, spec, kwargs)
     result: Backend = cls(spec.path, **kwargs)
     return result
