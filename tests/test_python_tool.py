@@ -104,7 +104,7 @@ def scripted_input(monkeypatch: pytest.MonkeyPatch, answers: list[str]) -> list[
 def fake_cli_model(monkeypatch: pytest.MonkeyPatch, lanner_home: Path) -> FakeBackend:
     backend = FakeBackend(answer_from_result)
     model = Engine(lanner_home).attach("fake", backend)
-    monkeypatch.setattr(options, "load_model", lambda args, name: model)
+    monkeypatch.setattr(options, "load_model", lambda args, name, streams=None: model)
     return backend
 
 

@@ -47,7 +47,7 @@ def docs(tmp_path: Path) -> Path:
 def use_fake_model(monkeypatch: pytest.MonkeyPatch, reply: Callable[[str], str]) -> FakeBackend:
     backend = FakeBackend(reply, n_ctx=20000)
     model = Engine().attach("fake", backend)
-    monkeypatch.setattr(options, "load_model", lambda args, name: model)
+    monkeypatch.setattr(options, "load_model", lambda args, name, streams=None: model)
     return backend
 
 

@@ -182,7 +182,7 @@ def test_cli_asks_runs_and_prints_the_summary(work: Path, lanner_home: Path,
                                               monkeypatch: pytest.MonkeyPatch,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     model, _ = agent_model([bash("echo made > made.txt"), "DONE: made made.txt"], lanner_home)
-    monkeypatch.setattr(options, "load_model", lambda args, name: model)
+    monkeypatch.setattr(options, "load_model", lambda args, name, streams=None: model)
     questions: list[str] = []
     monkeypatch.setattr(builtins, "input", lambda q="": questions.append(q) or "y")
     assert do.run(parse("--home", str(lanner_home), "do", "make a file",

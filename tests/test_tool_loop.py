@@ -206,7 +206,7 @@ def test_bad_loop_settings() -> None:
 def scripted(monkeypatch: pytest.MonkeyPatch, lanner_home: Path) -> FakeBackend:
     backend = FakeBackend([f"Let me add. {CALL_SUMS}", "It is 5555."])
     model = Engine(lanner_home).attach("fake", backend)
-    monkeypatch.setattr(options, "load_model", lambda args, name: model)
+    monkeypatch.setattr(options, "load_model", lambda args, name, streams=None: model)
     return backend
 
 
