@@ -12,6 +12,7 @@ its batch slot at the next step.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -50,6 +51,15 @@ class StreamSet:
         self._stops: list[Callable[[], None]] = []
         self._lock = threading.Lock()
         stream_to = getattr(lease.model.backend, "stream_to", None)
+        # Streams started by stream_to: events() yields nothing before every one
+        # has been accepted or refused, so a refused prompt (an id outside the
+        # vocabulary) is the request's 400 even when another prompt's first
+        # token is quicker than the refusal.
+        self._starting = len(requests) if stream_to is not None else 0
+        self._all_started = asyncio.Event()
+        if not self._starting:
+            self._all_started.set()
+        self._start_error: BaseException | None = None
         for index, request in enumerate(requests):
             if stream_to is not None:
                 # Only the start runs in a worker (tokenizing, compiling a grammar).
@@ -59,6 +69,10 @@ class StreamSet:
 
     async def events(self) -> AsyncIterator[tuple[int, Event]]:
         """Raises what a backend stream raised (and stops the other streams)."""
+        await self._all_started.wait()
+        if self._start_error is not None:
+            self.close()
+            raise self._start_error
         while self._pending:
             index, item = await self._queue.get()
             if isinstance(item, _Done):
@@ -109,18 +123,31 @@ class StreamSet:
 
         if self._cancel.is_set():  # closed before it started
             self._end_unstarted(index)
+            self._start_done(None)
             return
         try:
             stop = stream_to(request, sink)
         except Exception as exc:  # the request's handler maps it
             self._post((index, exc))
             self._end_unstarted(index)
+            self._start_done(exc)
             return
+        self._start_done(None)
         with self._lock:
             self._stops.append(stop)
             stopped = self._cancel.is_set()
         if stopped:  # close() came before the stop function was known
             stop()
+
+    def _start_done(self, error: BaseException | None) -> None:
+        with self._lock:
+            if error is not None and self._start_error is None:
+                self._start_error = error
+            self._starting -= 1
+            last = self._starting == 0
+        if last:  # a closed loop (RuntimeError) has nobody listening any more
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._all_started.set)
 
     def _end_unstarted(self, index: int) -> None:
         self._lease.release(False)
