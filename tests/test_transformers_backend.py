@@ -32,7 +32,8 @@ from transformers import (
 
 from lanner.backends import conversion_cache, gguf_convert, hf_sampling
 from lanner.backends.base import Backend
-from lanner.backends.transformers import IncrementalDetokenizer, TransformersBackend
+from lanner.backends.hf_run import IncrementalDetokenizer
+from lanner.backends.transformers import TransformersBackend
 from lanner.engine.types import Finish, Request, TextDelta, collect
 from lanner.errors import (
     ContextLengthExceeded,

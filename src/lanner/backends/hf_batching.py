@@ -34,7 +34,7 @@ Forward = Callable[[str | None, SlotCache, list[int], torch.Tensor, torch.Tensor
 
 
 class Run(Protocol):
-    """One request's generation state (``transformers._Run``)."""
+    """One request's generation state (``hf_run.Run``)."""
 
     prompt_ids: list[int]
     adapter: str | None

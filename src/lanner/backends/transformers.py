@@ -1,10 +1,12 @@
 """Run Hugging Face causal LMs with PyTorch: a safetensors folder, or a GGUF file
 dequantised once into a cached safetensors folder (see ``gguf_convert``).
 
-Generation follows gpt-fast: ``_prefill`` the prompt into a KV cache, then
-``_decode_one_token`` per step with explicit positions; the token choice is
-``hf_sampling``. Model calls run under ``torch.inference_mode`` one call at a
-time, never across a ``yield``, so the caller's code never runs in that mode.
+Each request is an ``hf_run.Run`` (sampling state, text, stop strings), decoded
+with others in one forward pass by ``hf_batching`` on an ``hf_slots`` cache, or
+alone on transformers' ``DynamicCache`` (``hf_run.decode_alone``) for models
+that cache cannot describe. Model calls run under ``torch.inference_mode`` one
+call at a time, never across a ``yield``, so the caller's code never runs in
+that mode.
 """
 
 from __future__ import annotations
@@ -12,9 +14,8 @@ from __future__ import annotations
 import copy
 import inspect
 import queue
-import time
-from collections.abc import Callable, Generator, Iterator, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,32 +23,21 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from lanner.backends import hf_quant, hf_sampling, rope
+from lanner.backends import hf_quant, rope
 from lanner.backends.base import ModelMetadata
 from lanner.backends.gguf_convert import converted_folder, read_manifest
 from lanner.backends.hf_adapters import Adapters, chat_template
 from lanner.backends.hf_batching import Job, Scheduler
+from lanner.backends.hf_run import IncrementalDetokenizer, Run, decode_alone
 from lanner.backends.hf_slots import SlotCache, causal_mask, supports_slots
 from lanner.engine.constrain import Matcher
-from lanner.engine.textstream import StopBuffer
-from lanner.engine.types import (
-    Event,
-    Finish,
-    FinishReason,
-    Request,
-    TextDelta,
-    Timings,
-    Token,
-    TopLogprob,
-    Usage,
-)
+from lanner.engine.types import Event, Request, Token, TopLogprob
 from lanner.errors import ContextLengthExceeded, InvalidRequest, ModelLoadError, ModelNotFound
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _MAX_DEFAULT_CTX = 8192
 _FALLBACK_CTX = 2048  # configs that name no context length (rare; old GPT-style models)
 _DEFAULT_SLOTS = 16  # requests decoded together; more wait their turn
-_DETOK_CONTEXT = 5  # prompt ids decoded before the first new id, for its leading space
 
 
 class TransformersBackend:
@@ -173,7 +163,9 @@ class TransformersBackend:
         """Generate for ``request``. The prompt is checked now (``InvalidRequest``,
         ``ContextLengthExceeded``); tokens come as the returned iterator is read."""
         run = self._run(request)
-        return self._batched(run) if self._scheduler is not None else self._alone(run)
+        if self._scheduler is None:
+            return decode_alone(run, self._forward, self._new_cache)
+        return self._batched(run)
 
     def _grammar_tokenizer(self) -> Any:
         """llguidance's view of the vocabulary, built once."""
@@ -227,7 +219,7 @@ class TransformersBackend:
         return {"queue_depth": len(scheduler.waiting), "active_sequences": len(scheduler.active),
                 "max_batch_seqs": scheduler.max_batch, "decode_steps": scheduler.steps}
 
-    def _run(self, request: Request) -> _Run:
+    def _run(self, request: Request) -> Run:
         prompt_ids = self._prompt_ids(request.prompt)
         room = self.n_ctx - len(prompt_ids)
         if room < 1:
@@ -236,9 +228,9 @@ class TransformersBackend:
         matcher = None
         if request.constraint is not None:
             matcher = Matcher(self._grammar_tokenizer(), request.constraint, self._vocab_size)
-        return _Run(self, request, prompt_ids, limit, matcher)
+        return Run(self, request, prompt_ids, limit, matcher)
 
-    def _batched(self, run: _Run) -> Generator[Event, None, None]:
+    def _batched(self, run: Run) -> Generator[Event, None, None]:
         """The request through the scheduler, its events read here."""
         assert self._scheduler is not None
         items: queue.SimpleQueue[object] = queue.SimpleQueue()
@@ -253,24 +245,6 @@ class TransformersBackend:
         finally:
             # A consumer that stops reading early frees the request's slot.
             self._scheduler.cancel(job, wait=True)
-
-    def _alone(self, run: _Run) -> Generator[Event, None, None]:
-        """One request on transformers' own cache (models ``SlotCache`` cannot
-        describe, such as sliding-window attention)."""
-        run.restart_clock()
-        cache = self._new_cache()
-        try:
-            logits = self._prefill(run.prompt_ids, cache)
-            while True:
-                events, next_id = run.advance(logits)
-                yield from events
-                if next_id is None:
-                    return
-                logits = self._decode_one_token(next_id, run.position - 1, cache)
-        finally:
-            # Free the KV cache as soon as the request ends, also when the
-            # consumer closes the stream early.
-            del cache
 
     @torch.inference_mode()
     def _forward_rows(self, adapter: str | None, cache: SlotCache, rows: list[int],
@@ -301,38 +275,6 @@ class TransformersBackend:
         with self._adapters.use(self._adapter):
             out = self.model(input_ids=ids, position_ids=positions, **kwargs)
         return out.logits[0]
-
-    @torch.inference_mode()
-    def _prefill(self, prompt_ids: list[int], cache: DynamicCache) -> torch.Tensor:
-        """Fill ``cache`` with the prompt; float32 logits (V,) for the next token."""
-        ids = torch.tensor([prompt_ids], device=self.device)  # (1, T)
-        return self._forward(ids, 0, cache)[-1].float()
-
-    @torch.inference_mode()
-    def _decode_one_token(self, token_id: int, position: int, cache: DynamicCache) -> torch.Tensor:
-        """Feed one token at ``position``; float32 logits (V,) for the next one."""
-        ids = torch.tensor([[token_id]], device=self.device)  # (1, 1)
-        return self._forward(ids, position, cache)[-1].float()
-
-    @torch.inference_mode()
-    def _choose(
-        self, logits: torch.Tensor, state: _Decoding
-    ) -> tuple[int, float | None, list[tuple[int, float]]]:
-        """The next token id, its logprob and the top alternatives (from the raw
-        logits, before penalties and temperature), when the request asks."""
-        processed = hf_sampling.apply_processors(logits, state.tokens(), state.processors)
-        if state.matcher is not None:
-            allowed = torch.from_numpy(state.matcher.allowed()).to(processed.device)
-            processed = processed.masked_fill(~allowed, float("-inf"))
-        token_id = int(state.sampler(processed))
-        if not state.request.wants_logprobs:
-            return token_id, None, []
-        logprobs = torch.log_softmax(logits, dim=-1)
-        top: list[tuple[int, float]] = []
-        if state.request.top_logprobs:
-            values, ids = torch.topk(logprobs, state.request.top_logprobs)  # sorted, best first
-            top = list(zip(ids.tolist(), values.tolist(), strict=True))
-        return token_id, float(logprobs[token_id]), top
 
     def _token(
         self, token_id: int, text: str, logprob: float | None, top: list[tuple[int, float]]
@@ -474,141 +416,6 @@ class TransformersBackend:
         self.tokenizer = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-
-
-@dataclass
-class _Decoding:
-    """Per-request sampling state: the sampler, the history-dependent logits
-    processors, and the token history they read (prompt first)."""
-
-    request: Request
-    sampler: hf_sampling.Sampler
-    processors: list[hf_sampling.LogitsProcessor]
-    history: torch.Tensor  # (prompt + limit,) int64
-    length: int
-    matcher: Matcher | None = None
-
-    @classmethod
-    def start(
-        cls, request: Request, prompt_ids: list[int], limit: int, device: torch.device
-    ) -> _Decoding:
-        generator = torch.Generator(device=device)
-        if request.seed is None:
-            generator.seed()  # non-deterministic, without touching torch's global RNG
-        else:
-            generator.manual_seed(request.seed)
-        processors = hf_sampling.make_logits_processors(request, len(prompt_ids))
-        history = torch.zeros(len(prompt_ids) + limit, dtype=torch.long, device=device)
-        history[: len(prompt_ids)] = torch.tensor(prompt_ids)
-        sampler = hf_sampling.sampler_for(request, generator)
-        return cls(request, sampler, processors, history, len(prompt_ids))
-
-    def tokens(self) -> torch.Tensor:
-        return self.history[: self.length]
-
-    def append(self, token_id: int) -> None:
-        self.history[self.length] = token_id
-        self.length += 1
-
-
-class _Run:
-    """One request being generated: its sampling state, text assembly and
-    counters. ``advance`` takes the logits for its next token, whichever pass
-    computed them (alone or in a batch)."""
-
-    def __init__(self, backend: TransformersBackend, request: Request, prompt_ids: list[int],
-                 limit: int, matcher: Matcher | None) -> None:
-        self.backend = backend
-        self.adapter = backend._adapter
-        self.prompt_ids = prompt_ids
-        self.limit = limit
-        self.state = _Decoding.start(request, prompt_ids, limit, backend.device)
-        self.state.matcher = matcher
-        self.detok = IncrementalDetokenizer(backend.detokenize, prompt_ids[-_DETOK_CONTEXT:])
-        self.stops = StopBuffer(request.stop)
-        self.n = 0
-        self.start = time.perf_counter()
-        self.ttft = 0.0
-
-    @property
-    def position(self) -> int:
-        """Position of the next token fed to the model (the last one chosen)."""
-        return len(self.prompt_ids) + self.n
-
-    def restart_clock(self) -> None:
-        self.start = time.perf_counter()
-
-    def advance(self, logits: torch.Tensor) -> tuple[list[Event], int | None]:
-        """Choose the next token from float32 ``logits`` (V,); the events it
-        makes, and the token to feed next (None: done, the events end with Finish)."""
-        backend, state = self.backend, self.state
-        token_id, logprob, top = backend._choose(logits, state)
-        self.ttft = self.ttft or time.perf_counter() - self.start
-        if token_id in backend._eos_ids:
-            return self._finish([], "stop"), None
-        self.n += 1
-        state.append(token_id)
-        if state.matcher is not None:
-            state.matcher.accept(token_id)
-        token = backend._token(token_id, self.detok.push(token_id), logprob, top)
-        events: list[Event] = []
-        if delta := self.stops.push(token.text, token):
-            events.append(delta)
-        if self.stops.hit or (state.matcher is not None and state.matcher.finished):
-            return self._finish(events, "stop"), None
-        if self.n >= self.limit:
-            return self._finish(events, "length"), None
-        return events, token_id
-
-    def _finish(self, events: list[Event], reason: FinishReason) -> list[Event]:
-        events.extend(_drain(self.stops, self.detok.flush()))
-        usage = Usage(prompt_tokens=len(self.prompt_ids), completion_tokens=self.n)
-        events.append(Finish(reason, usage, Timings(self.ttft, time.perf_counter() - self.start)))
-        return events
-
-
-class IncrementalDetokenizer:
-    """Turns ids, one at a time, into text deltas that never split a character.
-
-    Each push decodes a short window (ids already shown, for context, then the
-    new ones) and returns only what the new ids added. A window whose text ends
-    in U+FFFD is an incomplete UTF-8 sequence: nothing is returned until a later
-    id completes it (or ``flush`` gives it up at the end).
-    """
-
-    def __init__(self, decode: Callable[[Sequence[int]], str], context_ids: Sequence[int]) -> None:
-        self._decode = decode
-        self._ids = list(context_ids)
-        self._prefix = 0  # window start
-        self._read = len(self._ids)  # ids before this are already shown
-
-    def push(self, token_id: int) -> str:
-        self._ids.append(token_id)
-        return self._emit(final=False)
-
-    def flush(self) -> str:
-        """Whatever is still held back, at the end of generation."""
-        return self._emit(final=True) if self._read < len(self._ids) else ""
-
-    def _emit(self, final: bool) -> str:
-        shown = self._decode(self._ids[self._prefix : self._read])
-        text = self._decode(self._ids[self._prefix :])
-        if text.endswith("\ufffd") and not final:
-            return ""
-        # ``shown`` is a prefix of ``text`` for every tokenizer we know of;
-        # slicing by length keeps going even for one that breaks that.
-        self._prefix, self._read = self._read, len(self._ids)
-        return text[len(shown) :]
-
-
-def _drain(stops: StopBuffer, leftover: str) -> Iterator[TextDelta]:
-    """The last deltas: text the detokenizer held back, then what StopBuffer holds."""
-    if stops.hit:
-        return
-    if leftover and (delta := stops.push(leftover)):
-        yield delta
-    if not stops.hit and (delta := stops.flush()):
-        yield delta
 
 
 # -- loading -----------------------------------------------------------------
