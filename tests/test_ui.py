@@ -7,26 +7,24 @@ and a reload that keeps the conversation. Screenshots of each step go to
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright import sync_api
 
+import browserkit
+from browserkit import Artifacts, ask, expect, needs_chromium
 from lanner.backends.fake import FakeBackend
 from lanner.engine.engine import Engine
 from lanner.server.app import create_app
 from serverkit import LiveServer, serving
 
-CHROMIUM = Path("/usr/bin/chromium")
-pytestmark = pytest.mark.skipif(
-    not CHROMIUM.exists(),
-    reason="Debian's chromium is not installed at /usr/bin/chromium (`make install` "
-    "installs it as root; or `apt-get install chromium`)")
-expect = sync_api.expect
+pytestmark = needs_chromium
+browser = browserkit.browser
+page = browserkit.page
+shot = Artifacts("ui").shot
 
 XSS = 'Look: <img src=x onerror="window.__xss=1"> and <script>window.__xss=2</script> done.'
 DOC = ("The Kelvsund lighthouse was built in 1871 after three ships were lost on the reef. "
@@ -45,16 +43,6 @@ def reply(prompt: str) -> str:
     return "Hello! Some **bold** text and `code`."
 
 
-def artifacts() -> Path:
-    folder = Path(os.environ.get("LANNER_TEST_ARTIFACTS", "test-artifacts")) / "ui"
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
-
-
-def shot(page: Any, name: str) -> None:
-    page.screenshot(path=str(artifacts() / f"{name}.png"), full_page=True)
-
-
 def make_server(home: Path, api_key: str | None = None) -> Iterator[LiveServer]:
     engine = Engine(home)
     engine.attach("fake", FakeBackend(reply, n_ctx=8192, delay_s=0.002))
@@ -66,30 +54,6 @@ def make_server(home: Path, api_key: str | None = None) -> Iterator[LiveServer]:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     yield from make_server(tmp_path_factory.mktemp("home"))
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    with sync_api.sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=str(CHROMIUM),
-                                     args=["--headless", "--no-sandbox"])
-        yield chromium
-        chromium.close()
-
-
-@pytest.fixture
-def page(browser: Any, server: LiveServer) -> Iterator[Any]:
-    context = browser.new_context(viewport={"width": 1200, "height": 800})
-    page = context.new_page()
-    page.goto(server.url + "/")
-    expect(page.locator("body")).to_have_attribute("data-ready", "true")
-    yield page
-    context.close()
-
-
-def ask(page: Any, text: str) -> None:
-    page.fill("#prompt", text)
-    page.press("#prompt", "Enter")
 
 
 def last_answer(page: Any) -> Any:

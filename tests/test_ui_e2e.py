@@ -31,20 +31,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright import sync_api
 
+import browserkit
+from browserkit import Artifacts, ask, expect, needs_chromium
 from lanner import paths
 from lanner.store import Store
 
-CHROMIUM = Path("/usr/bin/chromium")
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not CHROMIUM.exists(),
-        reason="Debian's chromium is not installed at /usr/bin/chromium (`make install` "
-        "installs it as root; or `apt-get install chromium`)"),
-]
-expect = sync_api.expect
+pytestmark = [pytest.mark.slow, needs_chromium]
+browser = browserkit.browser
+page = browserkit.page
+ARTIFACTS = Artifacts("ui-e2e")
+shot = ARTIFACTS.shot
 
 MODELS = ("smollm2", "smollm2-q4_1")
 GENERATION_MS = 300_000
@@ -56,16 +53,6 @@ OTHER_DOC = "The Marrow Street bakery opened in 1923 and sells rye bread.\n"
 QUESTION = "When was the Kelvsund lighthouse built? End your answer with [1]."
 """With a one-passage collection and temperature 0, the 135M model answers this
 with a citation (checked on the F16 build; it cites nothing without the hint)."""
-
-
-def artifacts() -> Path:
-    folder = Path(os.environ.get("LANNER_TEST_ARTIFACTS", "test-artifacts")) / "ui-e2e"
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
-
-
-def shot(page: Any, name: str) -> None:
-    page.screenshot(path=str(artifacts() / f"{name}.png"), full_page=True)
 
 
 class Served:
@@ -126,25 +113,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         served.stop()
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    with sync_api.sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=str(CHROMIUM),
-                                     args=["--headless", "--no-sandbox"])
-        yield chromium
-        chromium.close()
-
-
-@pytest.fixture
-def page(browser: Any, server: Served) -> Iterator[Any]:
-    context = browser.new_context(viewport={"width": 1200, "height": 800})
-    page = context.new_page()
-    page.goto(server.url + "/")
-    expect(page.locator("body")).to_have_attribute("data-ready", "true")
-    yield page
-    context.close()
-
-
 def sampling(page: Any, *, temperature: str = "0", max_tokens: int = 24) -> None:
     """The Sampling controls: short, greedy answers unless told otherwise."""
     page.click("details summary")
@@ -153,11 +121,6 @@ def sampling(page: Any, *, temperature: str = "0", max_tokens: int = 24) -> None
         "(el, v) => { el.value = v; el.dispatchEvent(new Event('input')); }", temperature)
     page.fill("#max_tokens", str(max_tokens))
     page.fill("#seed", "0")
-
-
-def ask(page: Any, text: str) -> None:
-    page.fill("#prompt", text)
-    page.press("#prompt", "Enter")
 
 
 def answered(page: Any) -> Any:
@@ -240,7 +203,7 @@ def test_first_load_is_under_300_kb_and_shows_the_input_within_1_s(
 ) -> None:
     _first_load(browser, server.url + "/")  # warm-up: the server's first requests, disk cache
     runs = [_first_load(browser, server.url + "/") for _ in range(3)]
-    (artifacts() / "first-load.json").write_text(json.dumps(runs, indent=2))
+    (ARTIFACTS.folder() / "first-load.json").write_text(json.dumps(runs, indent=2))
     print("first load:", json.dumps(runs))
     for run in runs:
         # everything the page fetched until it was ready, API calls included
