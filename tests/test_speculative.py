@@ -63,7 +63,7 @@ def test_greedy_ngram_is_token_identical_to_plain_decoding(
 ) -> None:
     # Every n-gram draft in full, whatever steps cost on this machine.
     monkeypatch.setattr(speculative.StepCosts, "allocate",
-                        lambda self, rates, caps, n_gen: list(caps))
+                        lambda self, chances, n_gen: [len(c) for c in chances])
     for prompt in PROMPTS:
         want, got = greedy(plain, prompt), greedy(ngram, prompt)
         assert [t.id for t in got.tokens] == [t.id for t in want.tokens], prompt
@@ -188,7 +188,7 @@ def test_sampled_speculative_output_keeps_the_plain_distribution(
 ) -> None:
     # Draft at every step, whatever steps cost on this machine: the rule is under test.
     monkeypatch.setattr(speculative.StepCosts, "allocate",
-                        lambda self, rates, caps, n_gen: list(caps))
+                        lambda self, chances, n_gen: [len(c) for c in chances])
     with LlamaCppBackend(tinycoder_gguf, n_ctx=512, speculative="off") as plain_tiny, \
             LlamaCppBackend(tinycoder_gguf, n_ctx=512,
                             speculative=f"draft:{tinycoder_gguf}") as drafted:
@@ -212,15 +212,41 @@ def test_sampled_speculative_output_keeps_the_plain_distribution(
 
 def test_ngram_lookup_proposes_what_followed_the_latest_match() -> None:
     index = speculative.NgramIndex([1, 2, 3, 4, 5, 9, 2, 3])
-    assert index.propose(3) == [4, 5, 9]  # "2 3" came before, then 4 5 9
+    assert index.propose(3) == ([4, 5, 9], 2)  # "2 3" came before, then 4 5 9
     index = speculative.NgramIndex([1, 2, 3, 4, 0, 2, 3, 5, 1, 2, 3])
-    assert index.propose(2) == [4, 0]  # the longest suffix seen ("1 2 3") wins
+    assert index.propose(2) == ([4, 0], 3)  # the longest suffix seen ("1 2 3") wins
     index = speculative.NgramIndex([5, 1, 2, 3, 4, 1, 2])
-    assert index.propose(2) == [3, 4]  # "1 2" occurred at 1-2, followed by 3 4
+    assert index.propose(2) == ([3, 4], 2)  # "1 2" occurred at 1-2, followed by 3 4
     index.append(6)
-    assert index.propose(2) == []
+    assert index.propose(2) == ([], 0)
     index = speculative.NgramIndex([7])
-    assert index.propose(4) == []
+    assert index.propose(4) == ([], 0)
+    # The match length runs back past the n-gram: 5 tokens agree before "8 9".
+    index = speculative.NgramIndex([0, 4, 5, 6, 7, 1, 2, 8, 9, 3, 5, 6, 7, 1, 2])
+    assert index.propose(2) == ([8, 9], 5)
+
+
+def test_longer_matches_are_trusted_more() -> None:
+    state = speculative.SpecState("ngram", [0, 4, 5, 6, 7, 1, 2, 8, 9, 3, 5, 6, 7, 1, 2])
+    short = speculative.SpecState("ngram", [1, 2, 3, 9, 1, 2])
+    assert state.propose(2) == [8, 9] and state.match == 5
+    assert short.propose(1) == [3] and short.match == 2
+    assert state.chances(1)[0] > short.chances(1)[0]
+    # Further into a match, a token has more agreement behind it.
+    assert short.chances(12) == sorted(short.chances(12))
+    assert short.chances(12)[-1] > short.chances(12)[0]
+    # Misses after 2-token matches lower that bucket for the request and for the
+    # model's later requests; long matches keep their chance.
+    before_long = short.chances(12)[-1]
+    for _ in range(10):
+        short.settle(3, 0)
+    assert short.chances(1)[0] < 0.3
+    later = speculative.SpecState("ngram", [1, 2, 3, 9, 1, 2], short.stats)
+    fresh = speculative.SpecState("ngram", [1, 2, 3, 9, 1, 2])
+    later.propose(1)
+    fresh.propose(1)
+    assert later.chances(1)[0] < fresh.chances(1)[0]
+    assert short.chances(12)[-1] == pytest.approx(before_long)
 
 
 def test_requests_with_low_acceptance_stop_drafting() -> None:
@@ -240,20 +266,30 @@ def test_requests_with_low_acceptance_stop_drafting() -> None:
 def test_drafts_are_sized_by_what_a_step_costs() -> None:
     flat = speculative.StepCosts(16)
     for n in range(1, 17):
+        flat.record(n, 0.050)  # a shape's first step also builds its graph: not counted
         flat.record(n, 0.010)  # a step costs the same up to 16 tokens
-    assert flat.allocate([0.9], [12], 1) == [12]
-    assert flat.allocate([0.9, 0.9], [12, 12], 2) == [7, 7]  # the batch's 16 tokens
-    assert flat.allocate([0.9], [0], 1) == [0]
+    assert flat.allocate([[0.9] * 12], 1) == [12]
+    assert flat.allocate([[0.9] * 12, [0.9] * 12], 2) == [7, 7]  # the batch's 16 tokens
+    assert flat.allocate([[]], 1) == [0]
     steep = speculative.StepCosts(16)
     for n in range(1, 17):
+        steep.record(n, 0.0)
         steep.record(n, 0.010 * n)  # compute-bound: every token costs a step
-    assert steep.allocate([0.9], [12], 1) == [0]
+    assert steep.allocate([[0.9] * 12], 1) == [0]
     knee = speculative.StepCosts(16)
     for n in range(1, 17):
-        knee.record(n, 0.010 if n <= 4 else 0.010 * n / 4)
-    assert knee.allocate([0.95], [12], 1) == [3]  # drafts up to the knee pay
-    assert knee.allocate([0.95] * 4, [12] * 4, 4) == [0, 0, 0, 0]  # a full batch: none
-    assert speculative.StepCosts(16).allocate([0.9], [4], 1) == [0]  # nothing measured yet
+        for _ in range(2):
+            knee.record(n, 0.010 if n <= 4 else 0.010 * n / 4)
+    assert knee.allocate([[0.95] * 12], 1) == [3]  # drafts up to the knee pay
+    assert knee.allocate([[0.95] * 12] * 4, 4) == [0, 0, 0, 0]  # a full batch: none
+    assert speculative.StepCosts(16).allocate([[0.9] * 4], 1) == [0]  # nothing measured yet
+    # Likely tokens first: the sure sequence drafts all 12, the coin toss what is left.
+    assert flat.allocate([[0.5] * 12, [0.99] * 12], 2) == [2, 12]
+    noisy = speculative.StepCosts(16)
+    # A shape's first step, then steps of which one was slowed by another process:
+    for seconds in (0.5, 0.010, 0.011, 0.200, 0.009):
+        noisy.record(1, seconds)
+    assert noisy.cost(1) == pytest.approx(0.0105)
 
 
 def test_parse() -> None:

@@ -39,7 +39,7 @@ from .llamacpp_native import (
     meta_str,
 )
 from .llamacpp_sched import Scheduler
-from .speculative import DraftModel, SpecState
+from .speculative import AcceptStats, DraftModel, SpecState
 
 DEFAULT_MAX_CTX = 8192
 """Default context: the model's training context, but at most this (KV memory)."""
@@ -185,6 +185,8 @@ class LlamaCppBackend:
             n_batch = int(llama_cpp.llama_n_batch(self._ctx))
             self.speculative, draft_path = speculative.parse(opts["speculative"])
             """How requests draft: "ngram", "draft" (a draft model) or "off"."""
+            self._accept_stats = AcceptStats()
+            """How often drafts were right, per match length, over all requests."""
             if draft_path is not None:
                 self._draft = DraftModel(Path(draft_path), self._vocab, n_ctx=self.n_ctx,
                                          n_seq_max=n_seq_max, n_threads=cfg.n_threads,
@@ -375,7 +377,7 @@ class LlamaCppBackend:
             matcher = Matcher(self._grammar_tokenizer(), request.constraint, self._vocab.n_vocab)
         spec = None
         if self.speculative != "off":
-            spec = SpecState(self.speculative, list(prompt))
+            spec = SpecState(self.speculative, list(prompt), self._accept_stats)
         return GenJob(prompt, request, self._vocab, limit, matcher, spec)
 
     def _events(

@@ -73,7 +73,7 @@ class Job:
         """How many draft tokens would help this step (0: none)."""
         return 0
 
-    def accept_rate(self) -> float:
+    def chances(self, k: int) -> list[float]:
         raise NotImplementedError
 
     def propose(self, k: int) -> list[int]:
@@ -197,10 +197,11 @@ class GenJob(Job):
             return 0
         return min(spec.k, self.limit - self.n_generated - 1)
 
-    def accept_rate(self) -> float:
-        """How often this request's draft tokens are right (estimated)."""
+    def chances(self, k: int) -> list[float]:
+        """Each of ``k`` draft tokens' chance of being right if the ones
+        before it were (for the latest proposal; see ``SpecState.chances``)."""
         assert self.spec is not None
-        return self.spec.accept_rate
+        return self.spec.chances(k)
 
     def propose(self, k: int) -> list[int]:
         """An n-gram draft of up to ``k`` tokens."""

@@ -309,8 +309,7 @@ class Scheduler:
         if self.draft_model is None:  # n-grams cost nothing to look up: see what there is
             proposals = [j.propose(k) for j, k in wanting]
             wanting = [(j, len(p)) for (j, _), p in zip(wanting, proposals, strict=True)]
-        ks = self.step_costs.allocate([j.accept_rate() for j, _ in wanting],
-                                      [k for _, k in wanting], len(generating))
+        ks = self.step_costs.allocate([j.chances(k) for j, k in wanting], len(generating))
         if proposals is not None:
             drafts = [p[:k] for p, k in zip(proposals, ks, strict=True)]
         else:
