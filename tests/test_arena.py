@@ -254,6 +254,18 @@ def test_endpoints_battle_vote_reveal_and_rate(server: LiveServer) -> None:
     assert winner["wins"] >= 1 and winner["low"] <= winner["rating"] <= winner["high"]
 
 
+def test_both_sides_of_a_battle_get_the_same_sampling_settings(server: LiveServer) -> None:
+    settings = {"temperature": 0.3, "top_p": 0.5, "top_k": 7, "max_tokens": 4, "seed": 42}
+    reply = call(server, "POST", "/battles", {"prompt": "Tea?", "models": ["alpha", "beta"],
+                                              **settings})
+    assert reply.status_code == 200, reply.text
+    assert set(reply.json()["answers"].values()) == {REPLIES["alpha"][:4], REPLIES["beta"][:4]}
+    loaded = {m.name: m for m in server.app.state.lanner.pool.engine.loaded()}
+    for name in ("alpha", "beta"):
+        request = loaded[name].backend.requests[-1]
+        assert {field: getattr(request, field) for field in settings} == settings
+
+
 def test_same_pick_seed_same_pair(server: LiveServer) -> None:
     body = {"prompt": "Tea?", "pick_seed": 9}
     first = call(server, "POST", "/battles", body).json()["answers"]
@@ -264,6 +276,10 @@ def test_same_pick_seed_same_pair(server: LiveServer) -> None:
     ("POST", "/battles", {"prompt": "Tea?", "models": ["alpha", "nope"]}, 404, None),
     ("POST", "/battles", {"prompt": "Tea?", "models": ["alpha"]}, 400, "models"),
     ("POST", "/battles", {"prompt": ""}, 400, "prompt"),
+    ("POST", "/battles", {"prompt": "Tea?", "temperature": 3}, 400, "temperature"),
+    ("POST", "/battles", {"prompt": "Tea?", "top_p": 0}, 400, "top_p"),
+    ("POST", "/battles", {"prompt": "Tea?", "max_tokens": 0}, 400, "max_tokens"),
+    ("POST", "/battles", {"prompt": "Tea?", "seed": -1}, 400, "seed"),
     ("POST", "/battles/no-such-battle/vote", {"winner": "a"}, 404, "battle_id"),
     ("GET", "/ratings?rounds=-1", None, 400, "query.rounds"),
 ])

@@ -250,6 +250,27 @@ def test_endpoint_streams_events_with_their_model_index(server: LiveServer) -> N
     assert [a["log_id"] is not None for a in chunks[-1]["answers"]] == [True, True]
 
 
+# The web UI's Sampling panel, as it sends it.
+SAMPLING = {"temperature": 0.3, "top_p": 0.5, "top_k": 7, "max_tokens": 6, "seed": 42}
+
+
+def sampled(server: LiveServer, name: str) -> dict[str, object]:
+    """The sampling settings of the last request ``name``'s backend got."""
+    model = next(m for m in server.app.state.lanner.pool.engine.loaded() if m.name == name)
+    request = model.backend.requests[-1]
+    return {field: getattr(request, field) for field in SAMPLING}
+
+
+def test_endpoint_gives_every_model_the_sampling_settings(server: LiveServer) -> None:
+    reply = post(server, {"models": ["alpha", "beta"], "prompt": "2+2?", **SAMPLING})
+    assert reply.status_code == 200, reply.text
+    answers = reply.json()["answers"]
+    assert [a["content"] for a in answers] == [REPLIES["alpha"][:6], REPLIES["beta"][:6]]
+    assert [(a["finish_reason"], a["usage"]["completion_tokens"]) for a in answers] == \
+        [("length", 6), ("length", 6)]
+    assert sampled(server, "alpha") == sampled(server, "beta") == SAMPLING
+
+
 @pytest.mark.parametrize(
     ("body", "status", "param"),
     [
@@ -257,6 +278,11 @@ def test_endpoint_streams_events_with_their_model_index(server: LiveServer) -> N
         ({"models": ["alpha"], "prompt": "Hi"}, 400, "models"),
         ({"models": ["alpha", "beta"]}, 400, "prompt"),
         ({"models": ["alpha", "beta"], "prompt": "Hi", "top_p": 3}, 400, "top_p"),
+        ({"models": ["alpha", "beta"], "prompt": "Hi", "temperature": 2.5}, 400, "temperature"),
+        ({"models": ["alpha", "beta"], "prompt": "Hi", "max_tokens": 0}, 400, "max_tokens"),
+        ({"models": ["alpha", "beta"], "prompt": "Hi", "top_k": -1}, 400, "top_k"),
+        ({"models": ["alpha", "beta"], "prompt": "Hi", "seed": "7"}, 400, "seed"),
+        ({"models": ["alpha", "beta"], "prompt": "Hi", "logprobs": True}, 400, "logprobs"),
         ({"models": ["alpha", "beta"], "messages": [{"role": "assistant", "content": "x"}]},
          400, "messages"),
     ],
@@ -267,3 +293,5 @@ def test_endpoint_errors_in_openai_shape(server: LiveServer, body: dict[str, obj
     assert reply.status_code == status, reply.text
     error = reply.json()["error"]
     assert error["message"] and error["param"] == param
+    if param:
+        assert error["message"].startswith(param)

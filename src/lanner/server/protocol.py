@@ -154,15 +154,12 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _Sampling(BaseModel):
-    """Fields shared by chat and completions. Ranges are OpenAI's (published in
-    the OpenAPI schema); ``Request`` checks them again for every other caller."""
+class SamplingFields(BaseModel):
+    """The sampling fields of every route that generates (chat, completions,
+    Lanner's compare and arena). Ranges are OpenAI's (published in the OpenAPI
+    schema); ``Request`` checks them again for every other caller."""
 
     model_config = _STRICT
-    model: str = Field(min_length=1)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    n: Int = Field(1, ge=1, le=128)
     max_tokens: Int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
@@ -170,13 +167,22 @@ class _Sampling(BaseModel):
     stop: Stop = None
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
-    user: str | None = None
-    """Accepted and ignored (OpenAI uses it for abuse monitoring)."""
     # Extensions (llama.cpp / vLLM names).
     top_k: Int | None = Field(None, ge=0)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(None, gt=0.0)
+
+
+class _Sampling(SamplingFields):
+    """Fields shared by chat and completions."""
+
+    model: str = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: Int = Field(1, ge=1, le=128)
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    """Accepted and ignored (OpenAI uses it for abuse monitoring)."""
 
 
 class ChatCompletionRequest(_Sampling):
@@ -227,13 +233,19 @@ _COMMON = ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalt
            "top_k", "min_p", "repetition_penalty")
 
 
-def _common_options(req: _Sampling) -> dict[str, Any]:
-    """Only the fields the client set: unset ones keep Lanner's defaults."""
+def sampling_options(req: SamplingFields) -> dict[str, Any]:
+    """Keyword options from the sampling fields the client set: unset ones keep
+    Lanner's defaults. Not max_tokens: an unset one means something per API."""
     options = {name: getattr(req, name) for name in _COMMON if getattr(req, name) is not None}
     if isinstance(req.stop, str):
         options["stop"] = (req.stop,)
     elif req.stop:
         options["stop"] = tuple(req.stop)
+    return options
+
+
+def _common_options(req: _Sampling) -> dict[str, Any]:
+    options = sampling_options(req)
     if req.stream_options is not None and not req.stream:
         raise InvalidRequest("stream_options", "is only allowed when stream is true")
     if req.logit_bias:

@@ -44,31 +44,19 @@ from lanner.store import Store
 router = APIRouter()
 T = TypeVar("T")
 _STRICT = ConfigDict(extra="forbid", strict=True)
-_SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
-             "presence_penalty", "frequency_penalty", "seed")
 
 
-class Sampling(BaseModel):
-    """The sampling fields of chat completions, the same for every model."""
-
-    model_config = _STRICT
-    max_tokens: p.Int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: p.Int | None = Field(None, ge=0)
-    min_p: float | None = Field(None, ge=0.0, le=1.0)
-    repetition_penalty: float | None = Field(None, gt=0.0)
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    seed: p.Int | None = Field(None, ge=0, le=2**32 - 1)
-    stop: p.Stop = None
+class Sampling(p.SamplingFields):
+    """Chat completions' sampling fields and checks, the same for every model
+    (so an arena's two answers differ by model alone, a set seed included)."""
 
     def options(self) -> dict[str, Any]:
-        """Only the fields the client set: unset ones keep Lanner's defaults."""
-        out = {name: getattr(self, name) for name in _SAMPLING if getattr(self, name) is not None}
-        if self.stop:
-            out["stop"] = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
-        return out
+        """Keyword options for ``Model.chat_request``: only the fields the client
+        set (an unset max_tokens keeps Lanner's default, as ``lanner compare`` does)."""
+        options = p.sampling_options(self)
+        if self.max_tokens is not None:
+            options["max_tokens"] = self.max_tokens
+        return options
 
 
 class CompareRequest(Sampling):
