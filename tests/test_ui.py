@@ -171,6 +171,46 @@ def test_an_arena_vote_reveals_the_models_and_updates_the_ratings(page: Any) -> 
     shot(page, "08-arena-ratings")
 
 
+PANEL = {"temperature": 0, "top_p": 0.5, "top_k": 3, "max_tokens": 5, "seed": 7}
+
+
+def set_sampling_panel(page: Any) -> None:
+    page.click("#panel-chat details summary")
+    for field, value in PANEL.items():
+        page.fill(f"#{field}", str(value))
+    expect(page.locator("#temperature-value")).to_have_text("0")
+
+
+def test_compare_and_the_arena_answer_with_the_sampling_panels_settings(page: Any) -> None:
+    set_sampling_panel(page)
+    page.click("#tab-compare")
+    expect(page.locator("#compare-sampling")).to_have_text(
+        "Sampling (set under Chat): temperature 0, top-p 0.5, top-k 3, max tokens 5, seed 7")
+    page.fill("#compare-prompt", "Say hello")
+    with page.expect_request("**/v1/lanner/compare") as sent:
+        page.click("#compare-send")
+    body = sent.value.post_data_json
+    assert {field: body.get(field) for field in PANEL} == PANEL
+    assert "logprobs" not in body and "top_logprobs" not in body
+    columns = page.locator("#compare-columns .column")
+    expect(columns.nth(0).locator(".body")).to_have_text("Hello")
+    expect(columns.nth(1).locator(".body")).to_have_text("The s")
+    expect(columns.nth(1).locator(".meta")).to_have_text("5 tokens, length")
+    shot(page, "15-compare-sampling")
+
+    page.click("#tab-arena")
+    expect(page.locator("#arena-sampling")).to_contain_text("max tokens 5, seed 7")
+    page.fill("#arena-prompt", "Say hello")
+    with page.expect_request("**/v1/lanner/arena/battles") as sent:
+        page.click("#arena-send")
+    body = sent.value.post_data_json
+    assert {field: body.get(field) for field in PANEL} == PANEL
+    assert "logprobs" not in body
+    expect(page.locator("#arena-answers .column")).to_have_count(2)
+    answers = page.locator("#arena-answers .column .body").all_inner_texts()
+    assert sorted(a.strip() for a in answers) == ["Hello", "The s"]
+
+
 def _votes(page: Any) -> int:
     caption = page.locator("#ratings-caption").inner_text()
     return 0 if caption.startswith("No") else int(caption.split()[0])

@@ -5,6 +5,7 @@
 import { api, stream } from "./api.js";
 import { citationHook, extractedNote } from "./citations.js";
 import { h, render } from "./markdown.js";
+import { sampling } from "./sampling.js";
 import { tokenView } from "./tokens.js";
 
 const $ = (id) => document.getElementById(id);
@@ -12,13 +13,8 @@ const SAVED = "lanner-conversation";
 const chat = { conversation: null, messages: [], controller: null, windows: {} };
 
 function settings() {
-  const number = (id) => ($(id).value === "" ? undefined : Number($(id).value));
-  const out = {
-    temperature: number("temperature"), top_p: number("top_p"), top_k: number("top_k"),
-    max_tokens: number("max_tokens"), seed: number("seed"),
-  };
-  if ($("show-probs").checked) Object.assign(out, { logprobs: true, top_logprobs: 5 });
-  return Object.fromEntries(Object.entries(out).filter(([, v]) => v !== undefined));
+  const probs = $("show-probs").checked ? { logprobs: true, top_logprobs: 5 } : {};
+  return { ...sampling(), ...probs };
 }
 
 function bubble(role, label) {
@@ -201,9 +197,6 @@ async function loadConversations() {
 
 export async function initChat(models) {
   $("model").replaceChildren(...models.map((m) => h("option", { value: m.id }, m.id)));
-  for (const id of ["temperature", "top_p"]) {
-    $(id).addEventListener("input", () => { $(`${id}-value`).textContent = $(id).value; });
-  }
   $("chat-form").addEventListener("submit", (e) => {
     e.preventDefault();
     const text = $("prompt").value.trim();

@@ -3,6 +3,7 @@
 
 import { api, stream } from "./api.js";
 import { h, render } from "./markdown.js";
+import { sampling } from "./sampling.js";
 
 const $ = (id) => document.getElementById(id);
 let comparing = null;
@@ -28,7 +29,7 @@ async function runCompare(e) {
   $("compare-send").disabled = true;
   $("compare-stop").hidden = false;
   try {
-    await stream("/v1/lanner/compare", { models, prompt, stream: true }, (ev) => {
+    await stream("/v1/lanner/compare", { models, prompt, stream: true, ...sampling() }, (ev) => {
       if (ev.object !== "lanner.comparison.chunk") return;
       const col = columns[ev.index];
       if (ev.delta) {
@@ -58,7 +59,8 @@ async function runBattle(e) {
   $("arena-answers").replaceChildren();
   $("arena-status").textContent = "Two models are answering…";
   try {
-    battle = await api("/v1/lanner/arena/battles", { prompt });
+    // One set of settings for both sides (a seed too), so only the model differs.
+    battle = await api("/v1/lanner/arena/battles", { prompt, ...sampling() });
     const a = column("Answer A");
     const b = column("Answer B");
     a.body.append(render(battle.answers.a));

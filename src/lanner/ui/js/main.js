@@ -5,6 +5,7 @@ import { api } from "./api.js";
 import { initChat } from "./chat.js";
 import { initCompare, loadRatings } from "./compare.js";
 import { initDocuments, loadCollections } from "./documents.js";
+import { initSampling } from "./sampling.js";
 import { installTips } from "./tokens.js";
 
 const tabs = [...document.querySelectorAll("[role=tab]")];
@@ -28,6 +29,7 @@ tabs.forEach((tab, i) => {
 });
 
 installTips();
+initSampling(["compare-sampling", "arena-sampling"]);
 document.getElementById("prompt").focus();
 const { data: models } = await api("/v1/lanner/models");
 initDocuments();
