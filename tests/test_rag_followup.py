@@ -15,6 +15,7 @@ from typing import Any
 import openai
 import pytest
 
+import browserkit
 from lanner.backends.fake import FakeBackend
 from lanner.engine.engine import Engine
 from lanner.engine.model import Model
@@ -26,6 +27,8 @@ from lanner.server.app import create_app
 from serverkit import serving
 from test_rag_cli import lanner, use_fake_model
 from test_rag_store import make_library, pg_server  # noqa: F401 - pg_server is a fixture
+
+browser = browserkit.browser
 
 SQL = ("# Fine-tuning the SQL model\n\nJeremy used Axolotl to fine-tune the SQL model on one "
        "rented GPU. The training took three days and cost about 40 dollars.\n")
@@ -281,30 +284,27 @@ def test_the_server_returns_the_queries_and_extracts_and_logs_the_queries(
     json.dumps(citations)  # plain JSON all the way down
 
 
-@pytest.mark.skipif(not Path("/usr/bin/chromium").exists(),
-                    reason="Debian's chromium is not installed at /usr/bin/chromium")
-def test_the_web_ui_shows_the_extracted_sentences_of_an_uncited_answer(tmp_path: Path) -> None:
-    from playwright import sync_api
-
+@browserkit.needs_chromium
+def test_the_web_ui_shows_the_extracted_sentences_of_an_uncited_answer(
+        tmp_path: Path, browser: Any) -> None:
     home = tmp_path / "home"
     with Library.open(home=home) as library:
         library.ingest([write_docs(tmp_path / "docs")], "notes")
     engine = Engine(home)
     engine.attach("fake", FakeBackend(rewriter("unused", "Dogs are nice."), n_ctx=20000))
-    with serving(create_app(engine, ["fake"], embedder=None)) as live, \
-            sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium",
-                                    args=["--headless", "--no-sandbox"])
-        page = browser.new_page()
+    with serving(create_app(engine, ["fake"], embedder=None)) as live:
+        context = browser.new_context()
+        page = context.new_page()
         page.goto(live.url + "/")
-        sync_api.expect(page.locator("body")).to_have_attribute("data-ready", "true")
+        expect = browserkit.expect
+        expect(page.locator("body")).to_have_attribute("data-ready", "true")
         page.select_option("#chat-collection", "notes")
         page.fill("#prompt", "Which tool did Jeremy use to fine-tune the SQL model?")
         page.press("#prompt", "Enter")
         note = page.locator(".msg.assistant .extracted")
-        sync_api.expect(note).to_contain_text("The answer cites no passage", timeout=60_000)
-        sync_api.expect(note.locator("li").first).to_contain_text(
+        expect(note).to_contain_text("The answer cites no passage", timeout=60_000)
+        expect(note.locator("li").first).to_contain_text(
             "Jeremy used Axolotl to fine-tune the SQL model on one rented GPU.")
         note.locator("button.cite").first.click()
-        sync_api.expect(page.locator("#passage-dialog mark")).to_contain_text("Axolotl")
-        browser.close()
+        expect(page.locator("#passage-dialog mark")).to_contain_text("Axolotl")
+        context.close()
