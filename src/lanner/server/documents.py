@@ -7,6 +7,12 @@ answer with unverified citations marked ``[n?]``, plus a ``citations`` object
 retrieval used; for an answer that cites nothing, the best-matching sentences
 of the top passages as ``extracted``). Each answer's retrieval queries are
 logged at INFO beside uvicorn's lines.
+
+With ``stream: true`` the answer streams as ordinary content deltas (the
+model's words as written); the chunk that ends the choice (its
+``finish_reason`` set) also carries the ``citations`` object, checked once the
+answer is complete, whose ``marked_answer`` is the text with unverified
+citations marked ``[n?]``. OpenAI clients keep the unknown field as an extra.
 """
 
 from __future__ import annotations
@@ -67,9 +73,7 @@ class Documents:
 
 
 def check(body: p.ChatCompletionRequest) -> None:
-    """What the extension supports: one non-streamed answer to a user message."""
-    if body.stream:
-        raise InvalidRequest("collection", "cannot be combined with stream yet")
+    """What the extension supports: one answer (whole or streamed) to a user message."""
     if body.tools:
         raise InvalidRequest("collection", "cannot be combined with tools")
     if body.n != 1:

@@ -1,6 +1,7 @@
 """``POST /v1/chat/completions``: messages in, the assistant's answer out, whole
 or streamed as ``chat.completion.chunk`` events; with tools, the answer's calls
-as ``message.tool_calls`` / ``delta.tool_calls`` (see ``tool_calls.py``)."""
+as ``message.tool_calls`` / ``delta.tool_calls`` (see ``tool_calls.py``); with
+``collection``, a cited answer from documents (see ``documents.py``)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from lanner.server.serving import (
     completion_tokens,
     finish_reason,
     first_event,
+    fold,
     prompt_tokens,
     start_run,
     state_of,
@@ -107,7 +109,8 @@ def _chat_choice(index: int, result: Completion, logprobs: bool, syntax: ToolSyn
 
 async def _documents_answer(state: ServerState, body: p.ChatCompletionRequest,
                             http: Request) -> Any:
-    """The ``collection`` extension: retrieve, answer, check every citation."""
+    """The ``collection`` extension: retrieve, answer, check every citation;
+    streamed, the last choice chunk carries the ``citations`` (see ``_sse``)."""
     prepared: list[Prepared] = []
 
     def build(model: Model) -> list[GenRequest]:
@@ -116,12 +119,22 @@ async def _documents_answer(state: ServerState, body: p.ChatCompletionRequest,
         return [model.chat_request(prepared[0].messages, strict_context=True, **options)]
 
     run = await start_run(state, body.model, 1, build, "chatcmpl")
+    recorder = _recorder(state, body, run)
+    if body.stream:
+        try:
+            events = await first_event(run, http)
+        except ClientGone:
+            return Response(status_code=499)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        sse = _sse(run, events, body.logprobs, include_usage, recorder=recorder,
+                   documents=prepared[0])
+        return EventStreamResponse(guarded(sse, f"chat stream {run.id}"),
+                                   on_close=lambda: _closed(run, recorder))
     try:
         (result,) = await collect(run, http)
     except ClientGone:
         return Response(status_code=499)
     answer = cited(prepared[0], result.text)
-    recorder = _recorder(state, body, run)
     if recorder is not None:
         recorder.completed(result, answer.marked_text(), answer.to_json())
         recorder.close()
@@ -157,25 +170,48 @@ def _usage(run: Run, completion: int) -> p.Usage:
 async def _sse(
     run: Run, events: AsyncIterator[tuple[int, Event]], logprobs: bool, include_usage: bool,
     parsers: ChoiceStreams | None = None, recorder: TurnRecorder | None = None,
+    documents: Prepared | None = None,
 ) -> AsyncIterator[bytes]:
     """The chunk stream: per choice a role chunk, content (and tool-call) chunks
-    and a finish chunk; then the usage chunk if asked for; then [DONE]."""
+    and a finish chunk; then the usage chunk if asked for; then [DONE].
+
+    With ``documents`` (one choice) the finish chunk also carries ``citations``,
+    the same object a whole response has: the answer's citations checked once
+    it is complete, ``marked_answer`` its text with unverified ones as ``[n?]``.
+    """
     head = {"id": run.id, "object": "chat.completion.chunk", "created": run.created,
             "model": run.model, "system_fingerprint": run.fingerprint}
     if include_usage:
         head["usage"] = None
     chunks = _Chunks(logprobs, parsers)
+    answer = Completion(text="")
     completion = 0
     async for index, ev in events:
         if recorder is not None:
             recorder.feed(index, ev)
+        extra: dict[str, Any] = {}
+        if documents is not None:
+            fold(answer, ev)
+            if isinstance(ev, Finish):
+                extra = {"citations": _checked(documents, answer, recorder)}
         for choice in chunks.of(index, ev):
-            yield event({**head, "choices": [choice]})
+            yield event({**head, "choices": [choice],
+                         **(extra if choice["finish_reason"] else {})})
         if isinstance(ev, Finish):
             completion += ev.usage.completion_tokens
     if include_usage:
         yield event({**head, "choices": [], "usage": _usage(run, completion).model_dump()})
     yield DONE
+
+
+def _checked(prepared: Prepared, result: Completion,
+             recorder: TurnRecorder | None) -> dict[str, Any]:
+    """A streamed documents answer's citations, checked; logged as a whole
+    response's are (the marked text and the citations)."""
+    answer = cited(prepared, result.text)
+    if recorder is not None:
+        recorder.completed(result, answer.marked_text(), answer.to_json())
+    return answer.to_json()
 
 
 class _Chunks:
