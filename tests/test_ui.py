@@ -30,6 +30,16 @@ XSS = 'Look: <img src=x onerror="window.__xss=1"> and <script>window.__xss=2</sc
 DOC = ("The Kelvsund lighthouse was built in 1871 after three ships were lost on the reef. "
        "Its lamp burned paraffin until electricity reached the cape in 1952.")
 LONG = "Once upon a time " + "the sea was calm and " * 300
+REPLY_LIGHTHOUSE = "The lighthouse was built in 1871 [1]. It was painted blue in 1990 [1]."
+WATCH_ANSWER = """() => {
+    window.__answer = [];
+    new MutationObserver(() => {
+        const body = [...document.querySelectorAll('#thread .msg.assistant .body')].pop();
+        if (body) window.__answer.push({text: body.textContent,
+                                        cited: !!body.querySelector('button.cite')});
+    }).observe(document.getElementById('thread'),
+               {childList: true, subtree: true, characterData: true});
+}"""
 
 
 def reply(prompt: str) -> str:
@@ -39,7 +49,7 @@ def reply(prompt: str) -> str:
     if "long story" in prompt:
         return LONG
     if "lighthouse" in prompt:
-        return "The lighthouse was built in 1871 [1]. It was painted blue in 1990 [1]."
+        return REPLY_LIGHTHOUSE
     return "Hello! Some **bold** text and `code`."
 
 
@@ -236,10 +246,18 @@ def test_uploads_show_an_error_per_failed_file_and_answers_cite_the_passage(page
 
     page.click("#tab-chat")
     page.select_option("#chat-collection", "harbour")
+    page.evaluate(WATCH_ANSWER)
     ask(page, "When was the lighthouse built?")
     answer = last_answer(page)
     cites = answer.locator("button.cite")
     expect(cites).to_have_count(2)
+    # The answer streamed in: it grew in pieces (the model's words as written)
+    # before the citations came and turned the markers into buttons.
+    seen = page.evaluate("window.__answer")
+    before = seen[:next(i for i, s in enumerate(seen) if s["cited"])]
+    pieces = {s["text"] for s in before if s["text"] not in ("", "…")}
+    assert len(pieces) >= 2, seen
+    assert all(REPLY_LIGHTHOUSE.startswith(p) for p in pieces), pieces
     expect(cites.nth(0)).to_have_text("1")
     expect(cites.nth(1)).to_have_text("1?")
     expect(cites.nth(1)).to_have_class(re.compile("unverified"))
@@ -251,6 +269,16 @@ def test_uploads_show_an_error_per_failed_file_and_answers_cite_the_passage(page
     expect(dialog.locator("mark")).to_contain_text("built in 1871")
     expect(dialog.locator("#passage-where")).to_contain_text("characters 0-")
     shot(page, "11-cited-passage")
+    page.keyboard.press("Escape")
+
+    # Stop works while a documents answer is being written.
+    ask(page, "Tell me a long story about the lighthouse keeper")
+    expect(last_answer(page)).to_contain_text("Once upon a time")
+    page.click("#stop")
+    expect(last_answer(page).locator(".meta")).to_contain_text("stopped")
+    expect(page.locator("#send")).to_be_enabled()
+    kept = last_answer(page).locator(".body").inner_text()
+    assert kept.startswith("Once upon a time") and len(kept) < len(LONG.strip())
 
 
 def test_first_load_is_small_and_shows_the_input_fast(browser: Any, server: LiveServer) -> None:

@@ -76,9 +76,14 @@ function requestMessages() {
   return [...(system ? [{ role: "system", content: system }] : []), ...chat.messages];
 }
 
+/** Stream an answer into ``live``. A documents answer (``base.collection``)
+ *  streams the same way; its last choice chunk carries the checked
+ *  ``citations``, whose ``marked_answer`` (unverified citations as [n?])
+ *  replaces the text as written. Stop aborts it; the server logs what came. */
 async function streamAnswer(base, live) {
   let text = "";
   let usage = null;
+  let citations = null;
   const tokens = [];
   let pending = false;
   const paint = () => { pending = false; live.body.replaceChildren(render(text)); scroll(); };
@@ -87,31 +92,17 @@ async function streamAnswer(base, live) {
     await stream("/v1/chat/completions", { ...base, stream: true, stream_options: { include_usage: true } },
       (chunk) => {
         if (chunk.usage) usage = chunk.usage;
+        if (chunk.citations) citations = chunk.citations;
         const choice = chunk.choices?.[0];
         if (!choice) return;
         text += choice.delta?.content || "";
         tokens.push(...(choice.logprobs?.content || []));
         if (!pending) { pending = true; requestAnimationFrame(paint); }
       }, chat.controller.signal);
-    return { text, usage, tokens, stopped: false };
+    return { text: citations ? citations.marked_answer : text, usage, tokens, citations, stopped: false };
   } catch (err) {
     if (err.name === "AbortError") return { text, usage, tokens, stopped: true };
     throw err;
-  }
-}
-
-/** A documents answer: whole, not streamed (the server checks its citations
- *  once it is complete). Stop aborts it; the server then logs nothing. */
-async function documentsAnswer(body) {
-  chat.controller = new AbortController();
-  try {
-    const reply = await api("/v1/chat/completions", body, "POST", chat.controller.signal);
-    return { text: reply.choices[0].message.content, usage: reply.usage,
-             tokens: reply.choices[0].logprobs?.content || [], citations: reply.citations };
-  } catch (err) {
-    if (err.name !== "AbortError") throw err;
-    chat.messages.pop();  // the question: it is not in the log either
-    return { text: "", usage: null, tokens: [], stopped: true, unlogged: true };
   }
 }
 
@@ -126,17 +117,12 @@ async function sendMessage(text) {
   scroll();
   try {
     await ensureConversation();
-    const base = { model, messages: requestMessages(), conversation_id: chat.conversation, ...settings() };
-    let answer;
-    if (collection) {
-      answer = await documentsAnswer({ ...base, collection });
-    } else {
-      answer = await streamAnswer(base, live);
-    }
+    const base = { model, messages: requestMessages(), conversation_id: chat.conversation, ...settings(),
+                   ...(collection ? { collection } : {}) };
+    const answer = await streamAnswer(base, live);
     live.el.remove();
-    if (!answer.unlogged) chat.messages.push({ role: "assistant", content: answer.text });
-    const meta = answer.unlogged ? "stopped before the answer was ready"
-      : answer.stopped ? "stopped" : answer.usage ? `${answer.usage.completion_tokens} tokens` : "";
+    chat.messages.push({ role: "assistant", content: answer.text });
+    const meta = answer.stopped ? "stopped" : answer.usage ? `${answer.usage.completion_tokens} tokens` : "";
     showAnswer(answer.text, { model, tokens: answer.tokens, citations: answer.citations, meta });
     await gauge(answer.usage);
     loadConversations();
