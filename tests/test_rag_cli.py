@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 import builtins
+import io
 import json
 import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -109,6 +111,40 @@ def test_ask_prints_checked_citations_and_sources(
     span = f"{docs / 'bikes.md'}, characters 0-{DOC.index(CHAINS) + len(CHAINS)}"
     assert f"{span} (Bicycle care > Chains) - cited" in answer
     assert "Unverified citations" in answer and "missing: olive" in answer
+
+
+class Terminal(io.StringIO):
+    """A terminal's stdout that records each write."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+
+    def isatty(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return super().write(text)
+
+
+def test_ask_on_a_terminal_prints_the_answer_as_it_is_written(
+    docs: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    answer = "It is 330 metres tall [1]. It is painted gold [1]."
+    use_fake_model(monkeypatch, lambda prompt: answer)
+    lanner("ingest", str(docs / "tower.md"), "-c", "paris")
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stdout", terminal)
+    assert lanner("ask", "How tall is the tower?", "-c", "paris", "--no-log") == 0
+    sources = next(i for i, w in enumerate(terminal.writes) if "Sources:" in w)
+    # the model's words, in pieces, before the check: unmarked, then the sources
+    # and the flagged citation listed
+    assert "".join(terminal.writes[:sources]).strip() == answer
+    assert len([w for w in terminal.writes[:sources] if w.strip()]) > 2
+    rest = "".join(terminal.writes[sources:])
+    assert f"[1] {docs / 'tower.md'}, characters 0-" in rest
+    assert "[1?] passage [1] shares only" in rest and "It is painted gold" in rest
 
 
 def test_ask_json_and_a_clean_error_for_an_unknown_collection(

@@ -1,17 +1,23 @@
 """``lanner ask "question"``: an answer from a document collection, with its
-citations checked and its sources listed by file, page and character span."""
+citations checked and its sources listed by file, page and character span.
+
+On a terminal the answer is printed as the model writes it, then its sources
+and the citations that failed their check; piped (or with ``--json``) it is
+printed whole, once checked, with unverified citations marked ``[n?]``."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from collections.abc import Generator
 from typing import TYPE_CHECKING, TextIO
 
 from lanner.cli import options
 from lanner.cli.rag_options import MODES, add_collection_flags, open_library
 
 if TYPE_CHECKING:
+    from lanner.engine.types import Event
     from lanner.rag.answer import Answer, Prepared
 
 
@@ -56,11 +62,34 @@ def run(args: argparse.Namespace) -> int:
         show_context(prepared.messages)
     session = ChatSession(model, options.open_store(args), system=args.system,
                           options=sampling)
-    answer = finish(prepared, collect(session.send(prepared.prompt)).text)
+    events = session.send(prepared.prompt)
+    if not args.json and sys.stdout.isatty():
+        return stream_answer(prepared, events)
+    answer = finish(prepared, collect(events).text)
     if args.json:
         print(json.dumps(answer.to_json(), ensure_ascii=False))
     else:
         print_answer(answer)
+    return 0
+
+
+def stream_answer(prepared: Prepared, events: Generator[Event, None, None],
+                  out: TextIO | None = None) -> int:
+    """The answer's words as they come, then its sources and the citations
+    that failed their check (listed, since the printed text is unmarked).
+    Ctrl-C stops the model; what it said is logged."""
+    from lanner.cli import render
+    from lanner.rag.answer import finish
+
+    out = out or sys.stdout
+    try:
+        text = render.stream_text(events, out).text
+    except KeyboardInterrupt:
+        events.close()  # frees the model's slot; the partial turn is logged
+        print("\n[stopped]", file=sys.stderr)
+        return 130
+    out.write("\n\n")
+    print_sources(finish(prepared, text), out)
     return 0
 
 
