@@ -54,6 +54,31 @@ def ask(page: Any, text: str) -> None:
     page.press("#prompt", "Enter")
 
 
+_WATCH = """() => {
+    window.__answer = [];
+    new MutationObserver(() => {
+        const body = [...document.querySelectorAll('#thread .msg.assistant .body')].pop();
+        if (body) window.__answer.push({text: body.textContent,
+                                        cited: !!body.querySelector('button.cite')});
+    }).observe(document.getElementById('thread'),
+               {childList: true, subtree: true, characterData: true});
+}"""
+
+
+def watch_answer(page: Any) -> None:
+    """Record what the newest answer's body shows at every change, from now on."""
+    page.evaluate(_WATCH)
+
+
+def shown_before_citations(page: Any) -> list[str]:
+    """The texts the newest answer showed (placeholder and repeats left out)
+    before its citation buttons first appeared; see ``watch_answer``."""
+    seen: list[dict[str, Any]] = page.evaluate("window.__answer")
+    cited = next((i for i, s in enumerate(seen) if s["cited"]), len(seen))
+    texts = [s["text"] for s in seen[:cited] if s["text"].strip() not in ("", "…")]
+    return list(dict.fromkeys(texts))
+
+
 class Artifacts:
     """A test module's screenshots and figures: ``test-artifacts/<name>/``
     (``LANNER_TEST_ARTIFACTS`` moves it), created when first written to."""

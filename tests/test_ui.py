@@ -15,7 +15,14 @@ from typing import Any
 import pytest
 
 import browserkit
-from browserkit import Artifacts, ask, expect, needs_chromium
+from browserkit import (
+    Artifacts,
+    ask,
+    expect,
+    needs_chromium,
+    shown_before_citations,
+    watch_answer,
+)
 from lanner.backends.fake import FakeBackend
 from lanner.engine.engine import Engine
 from lanner.server.app import create_app
@@ -31,15 +38,6 @@ DOC = ("The Kelvsund lighthouse was built in 1871 after three ships were lost on
        "Its lamp burned paraffin until electricity reached the cape in 1952.")
 LONG = "Once upon a time " + "the sea was calm and " * 300
 REPLY_LIGHTHOUSE = "The lighthouse was built in 1871 [1]. It was painted blue in 1990 [1]."
-WATCH_ANSWER = """() => {
-    window.__answer = [];
-    new MutationObserver(() => {
-        const body = [...document.querySelectorAll('#thread .msg.assistant .body')].pop();
-        if (body) window.__answer.push({text: body.textContent,
-                                        cited: !!body.querySelector('button.cite')});
-    }).observe(document.getElementById('thread'),
-               {childList: true, subtree: true, characterData: true});
-}"""
 
 
 def reply(prompt: str) -> str:
@@ -246,17 +244,15 @@ def test_uploads_show_an_error_per_failed_file_and_answers_cite_the_passage(page
 
     page.click("#tab-chat")
     page.select_option("#chat-collection", "harbour")
-    page.evaluate(WATCH_ANSWER)
+    watch_answer(page)
     ask(page, "When was the lighthouse built?")
     answer = last_answer(page)
     cites = answer.locator("button.cite")
     expect(cites).to_have_count(2)
     # The answer streamed in: it grew in pieces (the model's words as written)
     # before the citations came and turned the markers into buttons.
-    seen = page.evaluate("window.__answer")
-    before = seen[:next(i for i, s in enumerate(seen) if s["cited"])]
-    pieces = {s["text"] for s in before if s["text"] not in ("", "…")}
-    assert len(pieces) >= 2, seen
+    pieces = shown_before_citations(page)
+    assert len(pieces) >= 2, pieces
     assert all(REPLY_LIGHTHOUSE.startswith(p) for p in pieces), pieces
     expect(cites.nth(0)).to_have_text("1")
     expect(cites.nth(1)).to_have_text("1?")

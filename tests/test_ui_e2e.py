@@ -7,9 +7,9 @@ One server process and one browser for the module; each test opens its own
 browser context. The steps: the first load's size and time to the chat input;
 a streamed answer, its token probabilities and a reload that keeps it;
 stopping a generation; an uploaded document answered with a citation that
-opens the passage; compare; an arena vote. Screenshots of each step, and the
-load figures as JSON, go to ``test-artifacts/ui-e2e/`` (``LANNER_TEST_ARTIFACTS``
-moves it).
+opens the passage (streamed in, and stopped mid-way); compare; an arena vote.
+Screenshots of each step, and the load figures as JSON, go to
+``test-artifacts/ui-e2e/`` (``LANNER_TEST_ARTIFACTS`` moves it).
 
 Generation on a loaded 2-core machine is slow, so steps that wait for the
 model allow minutes, and every answer is kept short (``max_tokens``,
@@ -33,7 +33,14 @@ from typing import Any
 import pytest
 
 import browserkit
-from browserkit import Artifacts, ask, expect, needs_chromium
+from browserkit import (
+    Artifacts,
+    ask,
+    expect,
+    needs_chromium,
+    shown_before_citations,
+    watch_answer,
+)
 from lanner import paths
 from lanner.store import Store
 
@@ -51,6 +58,7 @@ FIRST_LOAD_MS = 1000
 DOC = "The Kelvsund lighthouse was built in 1871.\n"
 OTHER_DOC = "The Marrow Street bakery opened in 1923 and sells rye bread.\n"
 QUESTION = "When was the Kelvsund lighthouse built? End your answer with [1]."
+ESSAY = "Write a long essay about the history of the Kelvsund lighthouse."
 """With a one-passage collection and temperature 0, the 135M model answers this
 with a citation (checked on the F16 build; it cites nothing without the hint)."""
 
@@ -319,9 +327,14 @@ def test_an_answer_from_an_uploaded_document_cites_and_opens_the_passage(
     page.click("#tab-chat")
     sampling(page, max_tokens=40)
     page.select_option("#chat-collection", "kelvsund")
+    watch_answer(page)
     ask(page, QUESTION)
     answer = answered(page)
     expect(answer.locator(".body")).to_contain_text("1871")
+    # it streamed in: at least two growing pieces before the citations came
+    pieces = shown_before_citations(page)
+    assert len(pieces) >= 2, pieces
+    assert all(b.startswith(a.rstrip()) for a, b in zip(pieces, pieces[1:], strict=False)), pieces
     cite = answer.locator("button.cite")
     expect(cite).to_have_count(1)
     expect(cite).to_have_text("1")  # verified: "1?" would mark a failed check
@@ -338,21 +351,25 @@ def test_an_answer_from_an_uploaded_document_cites_and_opens_the_passage(
     shot(page, "07-cited-passage")
     dialog.get_by_role("button", name="Close").click()
 
-    # a documents answer comes whole, but Stop still ends its generation
+    # Stop ends a documents answer while it is being written; what came is logged
     page.fill("#max_tokens", "400")
-    ask(page, "Write a long essay about the history of the Kelvsund lighthouse.")
+    ask(page, ESSAY)
+    live = page.locator(".msg.assistant").last.locator(".body")
+    expect(live).to_have_text(re.compile(r"\w{3}.*\w{3}", re.S), timeout=GENERATION_MS)
     page.click("#stop")
     stopped = page.locator(".msg.assistant").last
-    expect(stopped.locator(".meta")).to_have_text("stopped before the answer was ready")
+    expect(stopped.locator(".meta")).to_contain_text("stopped")
     expect(page.locator("#send")).to_be_enabled()
     _until_idle(server)
-    assert [t.prompt for t in logged_turns(server, conversation_id(page), 2)] == [QUESTION]
+    turns = logged_turns(server, conversation_id(page), 2)
+    assert [t.prompt for t in turns] == [QUESTION, ESSAY]
+    assert turns[-1].finish_reason == "cancelled" and 0 < turns[-1].completion_tokens < 400
 
     # the log keeps the answer's citations: reopened, it still opens its passage
     page.reload()
     expect(page.locator("body")).to_have_attribute("data-ready", "true")
-    expect(page.locator(".msg.user .body")).to_have_text([QUESTION])
-    reopened = page.locator(".msg.assistant").last
+    expect(page.locator(".msg.user .body")).to_have_text([QUESTION, ESSAY])
+    reopened = page.locator(".msg.assistant").first
     expect(reopened.locator("button.cite")).to_have_text(["1"])
     reopened.locator("button.cite").click()
     expect(dialog.locator("#passage-title")).to_have_text("[1] lighthouse.txt")
