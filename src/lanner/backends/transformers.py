@@ -23,7 +23,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from lanner.backends import hf_quant, rope
+from lanner.backends import hf_quant, hf_weights, rope
 from lanner.backends.base import ModelMetadata
 from lanner.backends.gguf_convert import converted_folder, read_manifest
 from lanner.backends.hf_adapters import Adapters, chat_template
@@ -85,6 +85,8 @@ class TransformersBackend:
         self.quant = quant  # --quant int8|int4: see hf_quant
         self.model, self.tokenizer = _load(self.folder, self.dtype, self.device,
                                            scaled[0] if scaled else None, quant)
+        # On a CPU, weights laid out for matrix-vector speed (see hf_weights).
+        self.weight_layout = hf_weights.prepare(self.model) if quant is None else None
         config = self.model.config.get_text_config()
         n_ctx_train = (self.rope_scaling.original_context if self.rope_scaling
                        else _trained_context(config))
@@ -113,6 +115,7 @@ class TransformersBackend:
         extra: dict[str, object] = {
             "path": str(self.folder), "dtype": str(self.dtype).removeprefix("torch."),
             "device": str(self.device), "quant": hf_quant.describe(self.quant, self.device),
+            "weight_layout": self.weight_layout,
         }
         manifest = read_manifest(self.folder)
         if manifest:
