@@ -19,6 +19,7 @@ import pytest
 import torch
 from transformers import FalconConfig, FalconForCausalLM
 
+from lanner.backends import hf_decode
 from lanner.backends.hf_slots import SlotCache, causal_mask
 from lanner.backends.transformers import TransformersBackend
 from lanner.engine.types import Event, Finish, Request, collect
@@ -129,6 +130,48 @@ def test_rows_of_different_lengths_in_one_pass_equal_each_alone(llama_dir: Path)
         for row, ids in enumerate(prompts):
             expected = model(input_ids=torch.tensor([ids])).logits[0, -1]
             torch.testing.assert_close(logits[row], expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_lean_decode_step_equals_the_model_s_forward_bit_for_bit(llama_dir: Path,
+                                                                dtype: str) -> None:
+    """``hf_decode.decode_step`` (the one-token passes of a Llama) gives the
+    logits the model's own forward gives on the same slot cache, exactly, for
+    rows of different lengths in one pass; Falcon keeps the model's forward."""
+    backend = TransformersBackend(llama_dir, dtype=dtype)
+    assert backend._lean_decode
+    model = backend.model
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]
+    cache = SlotCache()
+    for row, ids in enumerate(prompts):
+        backend._forward_rows(None, cache, [row], torch.tensor([ids[:-1]]),
+                              torch.arange(len(ids) - 1)[None], len(ids) - 1)
+    last = torch.tensor([[ids[-1]] for ids in prompts])  # (3, 1)
+    positions = torch.tensor([[len(ids) - 1] for ids in prompts])
+    mask = causal_mask(positions, 7, model.dtype)
+    with torch.inference_mode():
+        cache.bind([0, 1, 2], positions, 7)
+        lean = hf_decode.decode_step(model, last, positions, cache, mask)
+        cache.bind([0, 1, 2], positions, 7)  # the same keys/values written again
+        own = model(input_ids=last, position_ids=positions, attention_mask=mask,
+                    **{backend._cache_kwarg: cache}, use_cache=True).logits[:, -1].float()
+        # One row that sees every column: no mask, attention as in generate's
+        # steps on transformers' own cache.
+        cache.bind([1], positions[1:2], 2)
+        lean_one = hf_decode.decode_step(model, last[1:2], positions[1:2], cache, None)
+        dynamic = backend._new_cache()
+        backend._forward(torch.tensor([prompts[1][:1]]), 0, dynamic)
+        own_one = backend._forward(last[1:2], 1, dynamic).float()
+    assert lean.dtype == torch.float32 and lean.shape == own.shape
+    assert torch.equal(lean, own)
+    assert torch.equal(lean_one, own_one)
+    backend.close()
+
+
+def test_lean_decode_only_for_llama_layers(falcon_dir: Path) -> None:
+    backend = TransformersBackend(falcon_dir)
+    assert not backend._lean_decode and not hf_decode.supports(backend.model)
+    backend.close()
 
 
 def test_causal_mask_hides_columns_past_each_position() -> None:

@@ -23,7 +23,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from lanner.backends import hf_quant, hf_weights, rope
+from lanner.backends import hf_decode, hf_quant, hf_weights, rope
 from lanner.backends.base import ModelMetadata
 from lanner.backends.gguf_convert import converted_folder, read_manifest
 from lanner.backends.hf_adapters import Adapters, chat_template
@@ -104,6 +104,7 @@ class TransformersBackend:
         self._ll_tokenizer: Any = None
         self._cache_kwarg = _cache_kwarg(self.model)
         self._keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        self._lean_decode = hf_decode.supports(self.model)  # one-token passes: see hf_decode
         self._scheduler: Scheduler | None = None
         if supports_slots(config, self.n_ctx):
             self._scheduler = Scheduler(self._forward_rows, n_seq_max, self.device)
@@ -256,10 +257,15 @@ class TransformersBackend:
         ``positions`` (B, T) go into ``cache`` rows ``rows``; ``kv_len`` is the
         largest position + 1."""
         cache.bind(rows, positions, kv_len)
+        if self._lean_decode and ids.shape[1] == 1 and not self._adapters.names:
+            full = bool((positions == kv_len - 1).all())  # every row sees every column
+            lean_mask = None if full else causal_mask(positions, kv_len, self.model.dtype)
+            with self._adapters.use(None):
+                return hf_decode.decode_step(self.model, ids, positions, cache, lean_mask)
+        mask = causal_mask(positions, kv_len, self.model.dtype)
         kwargs: dict[str, Any] = {self._cache_kwarg: cache, "use_cache": True}
         if self._keeps_logits:
             kwargs["logits_to_keep"] = 1
-        mask = causal_mask(positions, kv_len, self.model.dtype)
         with self._adapters.use(adapter):
             out = self.model(input_ids=ids, position_ids=positions, attention_mask=mask,
                              **kwargs)
