@@ -224,7 +224,12 @@ def test_cpu_weight_layouts_keep_the_model_s_logits(llama_dir: Path, dtype: str)
     assert len(linears) == 2 * 7 + 1  # q, k, v, o, gate, up, down per layer; lm_head
     if dtype == "float32":
         assert backend.weight_layout == "column-major"
-        assert all(m.weight.stride() == (1, m.weight.shape[0]) for m in linears)
+        assert all(m.weight.stride()[0] == 1 for m in linears)  # column-major
+        for layer in backend.model.model.layers:  # q/k/v and gate/up: views of one matrix
+            attn, mlp = layer.self_attn, layer.mlp
+            assert attn.qkv_t.shape == (64, 64 + 32 + 32) and mlp.gate_up_t.shape == (64, 256)
+            assert attn.q_proj.weight.data_ptr() == attn.qkv_t.data_ptr()
+            assert mlp.gate_proj.weight.data_ptr() == mlp.gate_up_t.data_ptr()
         tolerance = {"rtol": 1e-5, "atol": 1e-5}
     else:
         bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()

@@ -57,8 +57,12 @@ def decode_step(model: Any, ids: torch.Tensor, positions: torch.Tensor, cache: S
         hidden = hidden + attn.o_proj.forward(_attention(attn, x, cos, sin, cache, mask, index))
         x = _rms_norm(hidden, layer.post_attention_layernorm)
         mlp = layer.mlp
-        hidden = hidden + mlp.down_proj.forward(
-            mlp.act_fn(mlp.gate_proj.forward(x)) * mlp.up_proj.forward(x))
+        gate_up_t = getattr(mlp, "gate_up_t", None)  # hf_weights' fused layout
+        if gate_up_t is not None:
+            gate, up = (x @ gate_up_t).split(mlp.gate_proj.out_features, dim=-1)
+        else:
+            gate, up = mlp.gate_proj.forward(x), mlp.up_proj.forward(x)
+        hidden = hidden + mlp.down_proj.forward(mlp.act_fn(gate) * up)
     hidden = _rms_norm(hidden, inner.norm)
     return model.lm_head.forward(hidden[:, -1]).float()  # type: ignore[no-any-return]
 
@@ -76,9 +80,15 @@ def _attention(attn: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                cache: SlotCache, mask: torch.Tensor | None, index: int) -> torch.Tensor:
     """``LlamaAttention.forward`` for one token per row: (B, 1, H) -> (B, 1, H)."""
     batch, dim = x.shape[0], attn.head_dim
-    q = attn.q_proj.forward(x).view(batch, 1, -1, dim).transpose(1, 2)  # (B, nh, 1, D)
-    k = attn.k_proj.forward(x).view(batch, 1, -1, dim).transpose(1, 2)  # (B, nkv, 1, D)
-    v = attn.v_proj.forward(x).view(batch, 1, -1, dim).transpose(1, 2)
+    qkv_t = getattr(attn, "qkv_t", None)  # hf_weights' fused layout
+    if qkv_t is not None:
+        sizes = (attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features)
+        q, k, v = (x @ qkv_t).split(sizes, dim=-1)
+    else:
+        q, k, v = attn.q_proj.forward(x), attn.k_proj.forward(x), attn.v_proj.forward(x)
+    q = q.view(batch, 1, -1, dim).transpose(1, 2)  # (B, nh, 1, D)
+    k = k.view(batch, 1, -1, dim).transpose(1, 2)  # (B, nkv, 1, D)
+    v = v.view(batch, 1, -1, dim).transpose(1, 2)
     q = q * cos + _rotate_half(q) * sin
     k = k * cos + _rotate_half(k) * sin
     k, v = cache.update(k, v, index)  # (B, nkv, kv_len, D)
