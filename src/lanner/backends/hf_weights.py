@@ -42,11 +42,12 @@ def prepare(model: Any) -> str | None:
         return None
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
     if weight.dtype == torch.float32:
-        for module in linears:
-            module.weight.data = module.weight.data.t().contiguous().t()
-        for module in model.modules():
+        for module in model.modules():  # fused groups first: one copy each
             _fuse(module, "qkv_t", ("q_proj", "k_proj", "v_proj"))
             _fuse(module, "gate_up_t", ("gate_proj", "up_proj"))
+        for module in linears:
+            if module.weight.stride(0) != 1:  # not laid out yet (a tied weight may be)
+                module.weight.data = module.weight.data.t().contiguous().t()
         return "column-major"
     if (weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
             and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
