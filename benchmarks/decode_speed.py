@@ -10,7 +10,7 @@ interleaved (the machines are shared and noisy); tokens/s = completion tokens /
 wall time of the whole request, prompt included. Every llama.cpp run asks a new
 question (a serial number in it) and neither side resets its cache: both reuse
 what the previous run left (the chat template's system prompt) and decode the
-rest, the same work. Usage: python benchmarks/decode_speed.py [--quick]
+rest, the same work. Usage: python benchmarks/decode_speed.py [--quick] [--threads N]
 """
 
 from __future__ import annotations
@@ -100,11 +100,16 @@ def llama_cpp_paths(name: str, n: int, repeats: int, home: Path) -> dict[str, tu
 
 
 def transformers_paths(n: int, repeats: int, home: Path, dtypes: list[str],
-                       cpu_rates: dict[str, float]) -> dict[str, tuple[float, int]]:
+                       cpu_rates: dict[str, float],
+                       threads: int | None = None) -> dict[str, tuple[float, int]]:
     """HF ``generate`` and Lanner's transformers backend on the same ids and
     dtype, runs interleaved; raises if their greedy tokens differ. Fills
-    ``cpu_rates`` with each side's best tokens per CPU-second (all threads)."""
+    ``cpu_rates`` with each side's best tokens per CPU-second (all threads).
+    ``threads``: torch's intra-op threads for both sides (default: torch's)."""
     import torch
+
+    if threads is not None:
+        torch.set_num_threads(threads)  # the scheduler thread, started later, inherits it
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lanner.backends.transformers import TransformersBackend
@@ -210,6 +215,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true",
                         help="32 tokens, 1 repeat, float32 only: checks the script, not speed")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads for the transformers comparison (1: steadier "
+                             "on a shared machine)")
     parser.add_argument("--skip", default="",
                         help="comma list of: llama_cpp, transformers, serve")
     args = parser.parse_args()
@@ -225,11 +233,13 @@ def main() -> None:
             results |= llama_cpp_paths("smollm2-q4_1", args.tokens, args.repeats, home)
             results |= llama_cpp_paths("smollm2", args.tokens, args.repeats, home)
         if "transformers" not in skip:
-            results |= transformers_paths(args.tokens, args.repeats, home, dtypes, cpu_rates)
+            results |= transformers_paths(args.tokens, args.repeats, home, dtypes, cpu_rates,
+                                          args.threads)
         if "serve" not in skip:
             results |= serve_streams(args.tokens, args.repeats, home, cpu_rates)
     print(f"decode speed, SmolLM2-135M-Instruct, {args.tokens} new tokens, greedy, "
-          f"{os.cpu_count()} cores, best of {args.repeats}, {time.strftime('%Y-%m-%d')}, "
+          f"{os.cpu_count()} cores{f', {args.threads} torch threads' if args.threads else ''}, "
+          f"best of {args.repeats}, {time.strftime('%Y-%m-%d')}, "
           f"load average {os.getloadavg()[0]:.1f}")
     for name, (rate, tokens) in results.items():
         per_cpu = f"  {cpu_rates[name]:7.1f} tok/CPU-s" if name in cpu_rates else ""
