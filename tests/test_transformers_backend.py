@@ -212,6 +212,26 @@ def test_bfloat16_loads_and_generates(llama_dir: Path) -> None:
     assert backend.model is None
 
 
+def test_bfloat16_weights_are_not_packed_twice_without_room(
+        llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The oneDNN-packed copy doubles the linear weights' memory: it is made
+    only while it takes at most half of what the system has available."""
+    from lanner.backends import hf_weights
+
+    model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.bfloat16).eval()
+    linear_bytes = sum(m.weight.numel() * 2 for m in model.modules()
+                       if type(m) is torch.nn.Linear)
+    monkeypatch.setattr(hf_weights, "available_memory", lambda: 2 * linear_bytes - 2)
+    assert hf_weights.prepare(model) is None
+    assert not any(hasattr(m, "packed_weight") for m in model.modules())
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        monkeypatch.setattr(hf_weights, "available_memory", lambda: 2 * linear_bytes)
+        assert hf_weights.prepare(model) == "onednn-packed"
+    monkeypatch.setattr(hf_weights, "available_memory", lambda: None)
+    assert hf_weights.prepare(AutoModelForCausalLM.from_pretrained(
+        llama_dir, dtype=torch.bfloat16).eval()) is None
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_cpu_weight_layouts_keep_the_model_s_logits(llama_dir: Path, dtype: str) -> None:
     """On a CPU the backend lays its linear weights out for fast decode steps
@@ -304,6 +324,22 @@ def test_closing_the_stream_early_frees_the_kv_cache(llama: TransformersBackend)
     assert scheduler._cache.rows == 0  # idle: the KV memory is given back
 
 
+def test_an_eval_sends_as_many_requests_at_once_as_the_backend_batches(
+        llama: TransformersBackend, tmp_path: Path) -> None:
+    """The eval runner runs ``n_seq_max`` generation items at once; here they
+    share decode steps instead of queueing one behind another."""
+    from lanner.engine.engine import Engine
+    from lanner.evals import runner
+    from lanner.evals.taskfile import load_task
+
+    assert llama.n_seq_max > 1
+    model = Engine(tmp_path / "home").attach("tiny", llama)
+    task = load_task(Path(__file__).parent / "data" / "evals" / "gen_tiny.yaml")
+    result = runner.evaluate(model, task)
+    assert len(result.items) == 12
+    assert llama.stats()["max_batch_seqs"] > 1
+
+
 def test_model_with_a_sliding_window_decodes_alone(
     llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -315,6 +351,7 @@ def test_model_with_a_sliding_window_decodes_alone(
     (folder / "config.json").write_text(json.dumps({**config, "sliding_window": 64}))
     windowed = TransformersBackend(folder)
     assert windowed.stream_to is None and windowed._scheduler is None
+    assert windowed.n_seq_max == 1
     caches: list[weakref.ref[Any]] = []
     new_cache = windowed._new_cache
 

@@ -19,7 +19,10 @@ shapes, one thread:
   (``torch.ops.mkldnn._reorder_linear_weight``, what inductor's CPU freezing
   uses) runs ~1.3-1.9x faster with bit-identical outputs (both accumulate in
   float32 and round once). The module gets a ``forward`` that reads that
-  packed copy: one more copy of the linear weights in memory.
+  packed copy: one more copy of the linear weights in memory, so it is made
+  only while the copy takes at most half the memory the system has available
+  (a 7B model's 13 GB would not be doubled on a 24 GB machine); otherwise the
+  weights stay as loaded.
 
 Prompt passes (many tokens at once) run at the same speed either way. Modules
 keep their ``weight``: peft adapters wrap a module and call it, so LoRA still
@@ -28,15 +31,32 @@ applies; nothing in Lanner changes base weights after loading.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 
 
+def available_memory() -> int | None:
+    """Bytes of memory the system has available now (None where unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def prepare(model: Any) -> str | None:
     """Lay out every plain ``nn.Linear`` of a CPU model for fast decode steps;
     the layout used ("column-major", "onednn-packed") or None (left as loaded:
-    another device or dtype, or no oneDNN bfloat16 on this CPU)."""
+    another device or dtype, no oneDNN bfloat16 on this CPU, or no room for
+    the packed copy)."""
     weight = model.get_input_embeddings().weight
     if weight.device.type != "cpu":
         return None
@@ -49,8 +69,11 @@ def prepare(model: Any) -> str | None:
             if module.weight.stride(0) != 1:  # not laid out yet (a tied weight may be)
                 module.weight.data = module.weight.data.t().contiguous().t()
         return "column-major"
+    copy = sum(m.weight.numel() * m.weight.element_size() for m in linears)
+    room = available_memory()
     if (weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
-            and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+            and room is not None and copy <= room // 2):
         for module in linears:
             module.packed_weight = torch.ops.mkldnn._reorder_linear_weight(
                 module.weight.detach(), 1)

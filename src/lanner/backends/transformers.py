@@ -108,6 +108,9 @@ class TransformersBackend:
         self._scheduler: Scheduler | None = None
         if supports_slots(config, self.n_ctx):
             self._scheduler = Scheduler(self._forward_rows, n_seq_max, self.device)
+        self.n_seq_max = n_seq_max if self._scheduler is not None else 1
+        """How many requests decode together (callers such as the eval runner
+        send that many at once); 1 for a model that decodes one at a time."""
 
     def _metadata(self, architecture: str, n_ctx_train: int) -> ModelMetadata:
         template = self.tokenizer.chat_template
