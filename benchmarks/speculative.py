@@ -269,20 +269,8 @@ def serving(target: str, streams: int, n: int, rounds: int) -> None:
             proc.wait(timeout=30)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--target", default="smollm2")
-    parser.add_argument("--draft", help="also a draft model, e.g. smollm2-q4_1")
-    parser.add_argument("--tokens", type=int, default=160)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--streams", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--skip-serve", action="store_true")
-    parser.add_argument("--quick", action="store_true",
-                        help="64 tokens, one repeat, one serving round")
-    args = parser.parse_args()
-    if args.quick:
-        args.tokens, args.repeats, args.rounds = 64, 1, 1
+def single_streams(args: argparse.Namespace) -> bool | None:
+    """The single-stream part; None when the target is not registered here."""
     engine = Engine()
     sides = {"off": "off", "ngram": "ngram"}
     if args.draft:
@@ -293,7 +281,7 @@ def main() -> int:
     except ModelNotFound as e:
         print(f"skipped: {args.target} is not registered here ({e}); `make qwen` adds "
               "qwen2.5-coder-0.5b")
-        return 0
+        return None
     print(f"{args.target} ({models['off'].spec.path.name}), greedy, {args.tokens} tokens, "
           f"{args.repeats} repeats", flush=True)
     worst = max(rounding(models["off"], text) for text in [*GROUNDED.values(), *OPEN.values()])
@@ -302,6 +290,30 @@ def main() -> int:
           f"partings within {TIE[0]:.3f} count as rounding", flush=True)
     same = single_stream(models, args.tokens, args.repeats)
     engine.close()
+    return same
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", default="smollm2")
+    parser.add_argument("--draft", help="also a draft model, e.g. smollm2-q4_1")
+    parser.add_argument("--tokens", type=int, default=160)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--streams", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--skip-serve", action="store_true")
+    parser.add_argument("--skip-single", action="store_true",
+                        help="only the concurrent streams through lanner serve")
+    parser.add_argument("--quick", action="store_true",
+                        help="64 tokens, one repeat, one serving round")
+    args = parser.parse_args()
+    if args.quick:
+        args.tokens, args.repeats, args.rounds = 64, 1, 1
+    same: bool | None = True
+    if not args.skip_single:
+        same = single_streams(args)
+        if same is None:
+            return 0
     if not args.skip_serve:
         serving(args.target, args.streams, args.tokens, args.rounds)
     return 0 if same else 1

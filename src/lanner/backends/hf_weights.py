@@ -77,7 +77,7 @@ def prepare(model: Any) -> str | None:
         for module in linears:
             module.packed_weight = torch.ops.mkldnn._reorder_linear_weight(
                 module.weight.detach(), 1)
-            module.forward = _packed_forward.__get__(module)
+            module.forward = _packed_forward.__get__(module)  # type: ignore[method-assign]
         return "onednn-packed"
     return None
 
@@ -88,8 +88,10 @@ def _fuse(parent: Any, name: str, children: tuple[str, ...]) -> None:
     ``parent.<name>``, each child's ``weight`` a view of its columns: one
     product for all of them in ``hf_decode`` (fewer, larger reads; the same
     outputs bit for bit, as measured), no extra memory."""
-    linears = [getattr(parent, child, None) for child in children]
-    if not all(type(m) is torch.nn.Linear and m.bias is None for m in linears):
+    found: list[Any] = [getattr(parent, child, None) for child in children]
+    linears = [m for m in found if isinstance(m, torch.nn.Linear)
+               and type(m) is torch.nn.Linear and m.bias is None]  # not subclasses (adapters)
+    if len(linears) != len(children):
         return
     fused = torch.cat([m.weight.data.t() for m in linears], dim=1)  # (in, sum of outs)
     start = 0

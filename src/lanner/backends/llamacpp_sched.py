@@ -30,7 +30,7 @@ from lanner.errors import LannerError
 
 from .llamacpp_jobs import Job
 from .llamacpp_native import decode
-from .speculative import SPEC_BATCH_TOKENS, DraftModel, StepCosts
+from .speculative import SPEC_BATCH_TOKENS, SPEC_MAX_STREAMS, DraftModel, StepCosts
 
 _CANCEL_WAIT_S = 30.0
 _FAR_REUSE = 512
@@ -257,6 +257,7 @@ class Scheduler:
         slot.tokens = []
 
     def _step(self) -> None:
+        began = time.perf_counter()
         plan = self._plan()
         if not plan:
             # Nothing fits (only possible if the context is full of active work).
@@ -280,6 +281,9 @@ class Scheduler:
                 if base + i >= job.first_output:
                     job.on_output(self.ctx, start + i, base + i)
             self._settle(job, slot)
+        # The whole step (drafting, decoding, every row's sample and its text
+        # handed on): what a step of this size costs a client, overheads included.
+        self.step_costs.record(self._batch.n, time.perf_counter() - began)
         self._reap()
 
     def _settle(self, job: Job, slot: Slot) -> None:
@@ -299,11 +303,11 @@ class Scheduler:
         cost here and how often its drafts were right (``StepCosts.allocate``):
         on a CPU a step of a few tokens costs about one token's, so one stream
         drafts several; as more sequences share the batch the drafts shrink,
-        and none are added to a batch of ``SPEC_BATCH_TOKENS`` sequences."""
+        and none are added while more than ``SPEC_MAX_STREAMS`` generate."""
         generating = [j for j in self.active if not (j.done or j.cancelled)
                       and len(j.feed) == 1 and len(self._slot_of[j].tokens) >= len(j.tokens)]
         wanting = [(j, k) for j in generating if (k := j.wants_draft()) > 0]
-        if not wanting or len(generating) >= SPEC_BATCH_TOKENS:
+        if not wanting or len(generating) > SPEC_MAX_STREAMS:
             return
         proposals = None
         if self.draft_model is None:  # n-grams cost nothing to look up: see what there is
@@ -357,9 +361,7 @@ class Scheduler:
 
     def _decode(self, n_seqs: int) -> None:
         self._batch.raw.n_tokens = self._batch.n
-        start = time.perf_counter()
         rc = decode(self.ctx, self._batch.raw)
-        self.step_costs.record(self._batch.n, time.perf_counter() - start)
         if rc == 1 and not self.split:
             # No KV slot: our cell accounting should prevent it; free all idle caches.
             self._evict_idle()

@@ -47,6 +47,11 @@ K_MAX = 16
 SPEC_BATCH_TOKENS = 24
 """Drafts fill a step's batch up to this many tokens at most; within that, as
 many as pay for themselves (``allocate``): none once the batch is full."""
+SPEC_MAX_STREAMS = 2
+"""No drafts while more sequences than this generate. Measured on the 2-core
+VM with smollm2 F16: 8 concurrent streams through `lanner serve` ran at
+0.83-0.96x of plain decoding with drafts allocated by step costs (in one
+process without the server, 1.06-1.11x), so a full batch decodes plainly."""
 MATCH_BUCKETS = (2, 4, 8)
 """How long a draft's n-gram match runs back decides how likely it is right
 (prompt lookup on the bundled model, 1,000 drafts: a 2-token match's next
