@@ -136,8 +136,10 @@ def test_rows_of_different_lengths_in_one_pass_equal_each_alone(llama_dir: Path)
 def test_lean_decode_step_equals_the_model_s_forward_bit_for_bit(llama_dir: Path,
                                                                 dtype: str) -> None:
     """``hf_decode.decode_step`` (the one-token passes of a Llama) gives the
-    logits the model's own forward gives on the same slot cache, exactly, for
-    rows of different lengths in one pass; Falcon keeps the model's forward."""
+    logits the model's own forward gives on the same slot cache, for rows of
+    different lengths in one pass: exactly in bfloat16 and for one row, to
+    float tolerance for several float32 rows (oneDNN's products); Falcon
+    keeps the model's forward."""
     backend = TransformersBackend(llama_dir, dtype=dtype)
     assert backend._lean_decode
     model = backend.model
@@ -163,7 +165,13 @@ def test_lean_decode_step_equals_the_model_s_forward_bit_for_bit(llama_dir: Path
         backend._forward(torch.tensor([prompts[1][:1]]), 0, dynamic)
         own_one = backend._forward(last[1:2], 1, dynamic).float()
     assert lean.dtype == torch.float32 and lean.shape == own.shape
-    assert torch.equal(lean, own)
+    if dtype == "float32":
+        # Several rows multiply through the oneDNN copy packed for rows
+        # (hf_weights.rows_linear): the same products, summed in another order.
+        assert backend.weight_layout == "column-major+onednn-rows"
+        torch.testing.assert_close(lean, own, rtol=1e-5, atol=1e-5)
+    else:
+        assert torch.equal(lean, own)
     assert torch.equal(lean_one, own_one)
     backend.close()
 

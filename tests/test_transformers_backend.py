@@ -243,7 +243,8 @@ def test_cpu_weight_layouts_keep_the_model_s_logits(llama_dir: Path, dtype: str)
     linears = [m for m in backend.model.modules() if type(m) is torch.nn.Linear]
     assert len(linears) == 2 * 7 + 1  # q, k, v, o, gate, up, down per layer; lm_head
     if dtype == "float32":
-        assert backend.weight_layout == "column-major"
+        assert backend.weight_layout == "column-major+onednn-rows"  # room for the copy here
+        assert all(m.packed_rows.shape == m.weight.shape for m in linears)
         assert all(m.weight.stride()[0] == 1 for m in linears)  # column-major
         for layer in backend.model.model.layers:  # q/k/v and gate/up: views of one matrix
             attn, mlp = layer.self_attn, layer.mlp

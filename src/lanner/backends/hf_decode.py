@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from lanner.backends.hf_slots import SlotCache
+from lanner.backends.hf_weights import rows_linear
 
 SUPPORTED = frozenset({"llama"})
 """Model types whose decoder layer is pre-norm RMSNorm, rotary q/k, Llama's
@@ -48,23 +49,30 @@ def decode_step(model: Any, ids: torch.Tensor, positions: torch.Tensor, cache: S
     attention runs as in ``generate``'s steps, mask-free, and in bfloat16 its
     outputs equal generate's where the masked kernel's differ in the last bit)."""
     inner = model.model
+    several = ids.shape[0] > 1
+    linear = rows_linear if several else _forward
     hidden = inner.embed_tokens(ids)  # (B, 1, H)
     cos, sin = inner.rotary_emb(hidden, positions)  # (B, 1, D)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, 1, D): broadcast over heads
     for index, layer in enumerate(inner.layers):
         attn = layer.self_attn
         x = _rms_norm(hidden, layer.input_layernorm)
-        hidden = hidden + attn.o_proj.forward(_attention(attn, x, cos, sin, cache, mask, index))
+        hidden = hidden + linear(attn.o_proj, _attention(attn, x, cos, sin, cache, mask, index,
+                                                          several))
         x = _rms_norm(hidden, layer.post_attention_layernorm)
         mlp = layer.mlp
         gate_up_t = getattr(mlp, "gate_up_t", None)  # hf_weights' fused layout
-        if gate_up_t is not None:
+        if gate_up_t is not None and not several:
             gate, up = (x @ gate_up_t).split(mlp.gate_proj.out_features, dim=-1)
         else:
-            gate, up = mlp.gate_proj.forward(x), mlp.up_proj.forward(x)
-        hidden = hidden + mlp.down_proj.forward(mlp.act_fn(gate) * up)
+            gate, up = linear(mlp.gate_proj, x), linear(mlp.up_proj, x)
+        hidden = hidden + linear(mlp.down_proj, mlp.act_fn(gate) * up)
     hidden = _rms_norm(hidden, inner.norm)
-    return model.lm_head.forward(hidden[:, -1]).float()  # type: ignore[no-any-return]
+    return linear(model.lm_head, hidden[:, -1]).float()
+
+
+def _forward(module: Any, x: torch.Tensor) -> torch.Tensor:
+    return module.forward(x)  # type: ignore[no-any-return]
 
 
 def _rms_norm(x: torch.Tensor, norm: Any) -> torch.Tensor:
@@ -77,15 +85,17 @@ def _rms_norm(x: torch.Tensor, norm: Any) -> torch.Tensor:
 
 
 def _attention(attn: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               cache: SlotCache, mask: torch.Tensor | None, index: int) -> torch.Tensor:
+               cache: SlotCache, mask: torch.Tensor | None, index: int,
+               several: bool) -> torch.Tensor:
     """``LlamaAttention.forward`` for one token per row: (B, 1, H) -> (B, 1, H)."""
     batch, dim = x.shape[0], attn.head_dim
     qkv_t = getattr(attn, "qkv_t", None)  # hf_weights' fused layout
-    if qkv_t is not None:
+    if qkv_t is not None and not several:
         sizes = (attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features)
         q, k, v = (x @ qkv_t).split(sizes, dim=-1)
     else:
-        q, k, v = attn.q_proj.forward(x), attn.k_proj.forward(x), attn.v_proj.forward(x)
+        linear = rows_linear if several else _forward
+        q, k, v = linear(attn.q_proj, x), linear(attn.k_proj, x), linear(attn.v_proj, x)
     q = q.view(batch, 1, -1, dim).transpose(1, 2)  # (B, nh, 1, D)
     k = k.view(batch, 1, -1, dim).transpose(1, 2)  # (B, nkv, 1, D)
     v = v.view(batch, 1, -1, dim).transpose(1, 2)
