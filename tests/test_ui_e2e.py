@@ -58,9 +58,6 @@ FIRST_LOAD_MS = 1000
 DOC = "The Kelvsund lighthouse was built in 1871.\n"
 OTHER_DOC = "The Marrow Street bakery opened in 1923 and sells rye bread.\n"
 QUESTION = "When was the Kelvsund lighthouse built? End your answer with [1]."
-ESSAY = "Write a long essay about the history of the Kelvsund lighthouse."
-"""With a one-passage collection and temperature 0, the 135M model answers this
-with a citation (checked on the F16 build; it cites nothing without the hint)."""
 
 
 class Served:
@@ -351,24 +348,17 @@ def test_an_answer_from_an_uploaded_document_cites_and_opens_the_passage(
     shot(page, "07-cited-passage")
     dialog.get_by_role("button", name="Close").click()
 
-    # Stop ends a documents answer while it is being written; what came is logged
-    page.fill("#max_tokens", "400")
-    ask(page, ESSAY)
-    live = page.locator(".msg.assistant").last.locator(".body")
-    expect(live).to_have_text(re.compile(r"\w{3}.*\w{3}", re.S), timeout=GENERATION_MS)
-    page.click("#stop")
-    stopped = page.locator(".msg.assistant").last
-    expect(stopped.locator(".meta")).to_contain_text("stopped")
-    expect(page.locator("#send")).to_be_enabled()
+    # (Stop during a documents answer is covered in test_ui.py with a paced
+    # fake model: with this fast 135M model the answer could end before the
+    # click, a race CI lost once.)
     _until_idle(server)
-    turns = logged_turns(server, conversation_id(page), 2)
-    assert [t.prompt for t in turns] == [QUESTION, ESSAY]
-    assert turns[-1].finish_reason == "cancelled" and 0 < turns[-1].completion_tokens < 400
+    turns = logged_turns(server, conversation_id(page), 1)
+    assert [t.prompt for t in turns] == [QUESTION]
 
     # the log keeps the answer's citations: reopened, it still opens its passage
     page.reload()
     expect(page.locator("body")).to_have_attribute("data-ready", "true")
-    expect(page.locator(".msg.user .body")).to_have_text([QUESTION, ESSAY])
+    expect(page.locator(".msg.user .body")).to_have_text([QUESTION])
     reopened = page.locator(".msg.assistant").first
     expect(reopened.locator("button.cite")).to_have_text(["1"])
     reopened.locator("button.cite").click()
