@@ -58,6 +58,8 @@ FIRST_LOAD_MS = 1000
 DOC = "The Kelvsund lighthouse was built in 1871.\n"
 OTHER_DOC = "The Marrow Street bakery opened in 1923 and sells rye bread.\n"
 QUESTION = "When was the Kelvsund lighthouse built? End your answer with [1]."
+"""With a one-passage collection and temperature 0, the 135M model answers this
+with a citation (checked on the F16 build; it cites nothing without the hint)."""
 
 
 class Served:
