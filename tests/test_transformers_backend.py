@@ -244,13 +244,19 @@ def test_cpu_weight_layouts_keep_the_model_s_logits(llama_dir: Path, dtype: str)
     assert len(linears) == 2 * 7 + 1  # q, k, v, o, gate, up, down per layer; lm_head
     if dtype == "float32":
         assert backend.weight_layout == "column-major+onednn-rows"  # room for the copy here
-        assert all(m.packed_rows.shape == m.weight.shape for m in linears)
         assert all(m.weight.stride()[0] == 1 for m in linears)  # column-major
         for layer in backend.model.model.layers:  # q/k/v and gate/up: views of one matrix
             attn, mlp = layer.self_attn, layer.mlp
             assert attn.qkv_t.shape == (64, 64 + 32 + 32) and mlp.gate_up_t.shape == (64, 256)
+            # the copies packed for several rows: q/k/v and gate/up stacked, one each
+            assert attn.qkv_rows.shape == (64 + 32 + 32, 64)
+            assert mlp.gate_up_rows.shape == (256, 64)
+            stacked = (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj)
+            assert not any(hasattr(m, "packed_rows") for m in stacked)
+            assert all(m.packed_rows.shape == m.weight.shape for m in (attn.o_proj, mlp.down_proj))
             assert attn.q_proj.weight.data_ptr() == attn.qkv_t.data_ptr()
             assert mlp.gate_proj.weight.data_ptr() == mlp.gate_up_t.data_ptr()
+        assert backend.model.lm_head.packed_rows.shape == backend.model.lm_head.weight.shape
         tolerance = {"rtol": 1e-5, "atol": 1e-5}
     else:
         bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
@@ -539,6 +545,37 @@ def test_sampler_respects_masks_and_seed() -> None:
     assert set(draws(logits, seed=0)) == {0, 1, 2, 3}
     assert set(draws(logits, seed=0, temperature=0.0)) == {0}
     assert set(draws(logits, seed=0, min_p=0.6)) == {0, 1}
+
+
+@pytest.mark.parametrize("options", [
+    {"top_k": 10, "top_p": 0.9, "min_p": 0.02},  # the k-best path
+    {"top_k": 0, "top_p": 0.8, "min_p": 0.0},  # the full-vocabulary path
+])
+def test_sampler_draws_follow_the_masked_softmax(options: dict[str, Any]) -> None:
+    """The sampler draws over the tokens the masks keep (the k best when top-k
+    is set); its frequencies match softmax of the masked logits (chi-square),
+    and nothing outside the kept set is ever drawn."""
+    from scipy import stats
+
+    torch.manual_seed(5)
+    logits = torch.randn(60) * 2
+    reference = hf_sampling.min_p_mask(hf_sampling.top_p_mask(
+        hf_sampling.top_k_mask(logits / 0.7, options["top_k"]), options["top_p"]),
+        options["min_p"])
+    probs = torch.softmax(reference, dim=-1)
+    kept = torch.nonzero(probs > 0)[:, 0]
+    assert 3 <= len(kept) <= 20  # the masks did cut, and more than one token is left
+    generator = torch.Generator().manual_seed(1)
+    sample = hf_sampling.make_sampler(0.7, generator=generator, **options)
+    counts = torch.bincount(torch.stack([sample(logits) for _ in range(6000)]), minlength=60)
+    assert counts[probs == 0].sum() == 0
+    expected = probs[kept].double() / probs[kept].double().sum() * 6000
+    assert stats.chisquare(counts[kept].double(), expected).pvalue > 0.001
+
+
+def test_sampler_keeps_logits_tied_at_the_k_th() -> None:
+    logits = torch.tensor([3.0, 2.0, 1.0, 1.0, 1.0, -5.0])  # the 3rd best ties with two more
+    assert set(draws(logits, seed=0, top_k=3, top_p=1.0)) == {0, 1, 2, 3, 4}
 
 
 def draws(logits: torch.Tensor, seed: int, temperature: float = 1.0, **options: Any) -> list[int]:

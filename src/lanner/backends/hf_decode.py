@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from lanner.backends.hf_slots import SlotCache
-from lanner.backends.hf_weights import rows_linear
+from lanner.backends.hf_weights import rows_group, rows_linear
 
 SUPPORTED = frozenset({"llama"})
 """Model types whose decoder layer is pre-norm RMSNorm, rotary q/k, Llama's
@@ -61,9 +61,13 @@ def decode_step(model: Any, ids: torch.Tensor, positions: torch.Tensor, cache: S
                                                           several))
         x = _rms_norm(hidden, layer.post_attention_layernorm)
         mlp = layer.mlp
-        gate_up_t = getattr(mlp, "gate_up_t", None)  # hf_weights' fused layout
+        gate_up_t = getattr(mlp, "gate_up_t", None)  # hf_weights' fused layouts
+        sizes = (mlp.gate_proj.out_features, mlp.up_proj.out_features)
+        stacked = rows_group(mlp, "gate_up_rows", x, sizes) if several else None
         if gate_up_t is not None and not several:
-            gate, up = (x @ gate_up_t).split(mlp.gate_proj.out_features, dim=-1)
+            gate, up = (x @ gate_up_t).split(sizes, dim=-1)
+        elif stacked is not None:
+            gate, up = stacked
         else:
             gate, up = linear(mlp.gate_proj, x), linear(mlp.up_proj, x)
         hidden = hidden + linear(mlp.down_proj, mlp.act_fn(gate) * up)
@@ -89,10 +93,13 @@ def _attention(attn: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                several: bool) -> torch.Tensor:
     """``LlamaAttention.forward`` for one token per row: (B, 1, H) -> (B, 1, H)."""
     batch, dim = x.shape[0], attn.head_dim
-    qkv_t = getattr(attn, "qkv_t", None)  # hf_weights' fused layout
+    qkv_t = getattr(attn, "qkv_t", None)  # hf_weights' fused layouts
+    sizes = (attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features)
+    stacked = rows_group(attn, "qkv_rows", x, sizes) if several else None
     if qkv_t is not None and not several:
-        sizes = (attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features)
         q, k, v = (x @ qkv_t).split(sizes, dim=-1)
+    elif stacked is not None:
+        q, k, v = stacked
     else:
         linear = rows_linear if several else _forward
         q, k, v = linear(attn.q_proj, x), linear(attn.k_proj, x), linear(attn.v_proj, x)

@@ -9,6 +9,12 @@ Two kinds of step, applied in this order:
 - a *sampler* ``logits (V,) -> token id (0-d tensor)``: greedy argmax at
   temperature 0, else temperature, then top-k, top-p and min-p masks (the order
   Hugging Face's ``generate`` uses), then a draw from the given generator.
+  The draw runs over the tokens the masks keep, not the whole vocabulary:
+  ``torch.multinomial`` over SmolLM2's 49152 logits took 1.3 ms and the top-p
+  sort 0.8 ms on the 2-core VM, 5.5 ms a token with the defaults (top-k 40),
+  which at 8 streams was a third of a batched step. With top-k set the masks
+  run on the k best only (same kept set and probabilities, unless logits tie at
+  the k-th, which takes the full path).
 
 All functions take and return float32 tensors on the model's device and never
 modify their input.
@@ -114,11 +120,22 @@ def make_sampler(
         return lambda logits: torch.argmax(logits, dim=-1)
 
     def sample(logits: torch.Tensor) -> torch.Tensor:
-        logits = min_p_mask(top_p_mask(top_k_mask(logits / temperature, top_k), top_p), min_p)
-        probs = torch.softmax(logits, dim=-1)
-        return torch.multinomial(probs, 1, generator=generator)[0]
+        if 0 < top_k < logits.shape[-1]:
+            values, ids = torch.topk(logits, top_k + 1)  # sorted, best first
+            if values[top_k] < values[top_k - 1]:  # no tie at the k-th: the k best are the set
+                kept = min_p_mask(top_p_mask(values[:top_k] / temperature, top_p), min_p)
+                return ids[_draw(kept, generator)]
+        scaled = logits / temperature
+        masked = min_p_mask(top_p_mask(top_k_mask(scaled, top_k), top_p), min_p)
+        support = torch.nonzero(masked > float("-inf"))[:, 0]
+        return support[_draw(masked[support], generator)]
 
     return sample
+
+
+def _draw(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """An index drawn with probability softmax(``logits``) (-inf: never)."""
+    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)[0]
 
 
 def sampler_for(request: Request, generator: torch.Generator | None) -> Sampler:
