@@ -47,6 +47,32 @@ def test_help_is_fast_and_imports_no_backend() -> None:
     assert out[1] == "[]"
 
 
+def test_only_the_named_verb_is_registered() -> None:
+    """A command names its verb: only that verb's parser is built (every verb
+    module imported costs a one-shot `lanner run` ~50 ms); help, a bare
+    `lanner` and unknown verbs get the whole parser."""
+    from lanner.cli import VERBS, build_parser, named_verb
+
+    assert named_verb(["run", "smollm2", "hi"]) == "run"
+    assert named_verb(["--home", "/tmp/x", "chat-format", "m"]) == "chat_format"
+    assert named_verb(["--home=/tmp/x", "serve"]) == "serve"
+    assert named_verb(["--help", "run"]) is None
+    assert named_verb(["bogus"]) is None and named_verb([]) is None
+    code = "import lanner.cli; lanner.cli.main(['run', '--help'])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.startswith("usage: lanner run")
+    code = "import lanner.cli; lanner.cli.main(['run', 'm', 'p', '--max-tokens', 'x'])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert "invalid int value: 'x'" in out.stderr
+    parser_of_all = build_parser()
+    assert len(parser_of_all._subparsers._group_actions[0].choices) == len(VERBS)  # type: ignore[union-attr]
+    out = subprocess.run([sys.executable, "-c", "import sys, lanner.cli as c; "
+                          "c.build_parser(('run',)); print(sorted(m for m in sys.modules "
+                          "if m.startswith('lanner.cli.')))"],
+                         capture_output=True, text=True, check=True)
+    assert "'lanner.cli.serve'" not in out.stdout and "'lanner.cli.run'" in out.stdout
+
+
 def test_run_answers_paris_greedy(lanner_home: Path) -> None:
     result = lanner("run", "smollm2", QUESTION, "--temperature", "0", home=lanner_home)
     assert result.returncode == 0, result.stderr

@@ -18,7 +18,8 @@ VERBS = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(verbs: Sequence[str] = VERBS) -> argparse.ArgumentParser:
+    """The parser with ``verbs``' subcommands (module names; all by default)."""
     parser = argparse.ArgumentParser(
         prog="lanner",
         description="Run open-weight language models on your own hardware.",
@@ -29,13 +30,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="data folder for logs and caches (default: $LANNER_HOME or the user data dir)",
     )
     sub = parser.add_subparsers(dest="verb", metavar="COMMAND")
-    for verb in VERBS:
+    for verb in verbs:
         importlib.import_module(f"lanner.cli.{verb}").register(sub)
     return parser
 
 
+def named_verb(argv: Sequence[str]) -> str | None:
+    """The module of the verb ``argv`` runs, when it names a known one before
+    any help or version flag (``--home DIR`` may come first); else None."""
+    words = iter(argv)
+    for word in words:
+        if word == "--home":
+            next(words, None)
+        elif not word.startswith("-"):
+            module = word.replace("-", "_")
+            return module if module in VERBS else None
+        elif not word.startswith("--home="):
+            return None
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # Only the named verb's parser: registering all of them imports every verb
+    # module, ~50 ms of a one-shot `lanner run`. Help, errors about the verb
+    # itself and a bare `lanner` get the whole parser.
+    verb = named_verb(argv)
+    parser = build_parser(VERBS if verb is None else (verb,))
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
