@@ -221,6 +221,11 @@ def test_ngram_lookup_proposes_what_followed_the_latest_match() -> None:
     assert index.propose(2) == ([], 0)
     index = speculative.NgramIndex([7])
     assert index.propose(4) == ([], 0)
+    # A match that runs into the end repeats: "1 2" two tokens back drafts a loop.
+    index = speculative.NgramIndex([7, 1, 2, 1, 2])
+    assert index.propose(5) == ([1, 2, 1, 2, 1], 2)
+    index = speculative.NgramIndex([4, 5, 6, 4, 5, 6, 4])
+    assert index.propose(7) == ([5, 6, 4, 5, 6, 4, 5], 4)  # "6 4" 3 back, 4 tokens agree
     # The match length runs back past the n-gram: 5 tokens agree before "8 9".
     index = speculative.NgramIndex([0, 4, 5, 6, 7, 1, 2, 8, 9, 3, 5, 6, 7, 1, 2])
     assert index.propose(2) == ([8, 9], 5)
