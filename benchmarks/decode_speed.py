@@ -88,7 +88,9 @@ def llama_cpp_paths(name: str, n: int, repeats: int, home: Path) -> dict[str, tu
     """Both sides on the same file, each in a fresh process: two llama.cpp thread
     pools in one process slow each other down (measured ~1.7x), which would
     measure the pools, not the paths."""
-    label = f"{name} ({'f16' if name == 'smollm2' else 'Q4_1'})"
+    from lanner.engine.registry import half_type
+
+    label = f"{name} ({half_type() if name == 'smollm2' else 'Q4_1'})"
     spawn = multiprocessing.get_context("spawn")
     results = {}
     sides = (("lanner", "lanner, llama.cpp path"), ("direct", "llama-cpp-python direct"))

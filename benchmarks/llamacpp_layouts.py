@@ -15,7 +15,7 @@
 The variants alternate in rounds (--rounds, default 3) so that a drift in the
 shared machine's speed hits all of them; medians are reported, ratios against
 the first variant. The model is the GGUF `smollm2` runs (the shipped weights
-re-encoded as F16), unless --model names another.
+re-encoded as BF16 or F16, `registry.half_type`), unless --model names another.
 
     python benchmarks/llamacpp_layouts.py [--part kv|threads|both] [--quick]
 """

@@ -207,7 +207,7 @@ def main() -> None:
                         "repeat to measure several configurations (default: none)")
     args = parser.parse_args()
     home = Path(tempfile.mkdtemp(prefix="lanner-bench-"))
-    # The file Lanner actually runs (smollm2: the shipped Q4_1 re-encoded as F16).
+    # The file Lanner actually runs (smollm2: the shipped Q4_1 re-encoded as BF16 or F16).
     args.gguf = prepare(resolve(args.model, home), None, home).path
     levels = [int(x) for x in args.levels.split(",")]
     skip = set(args.skip.split(","))

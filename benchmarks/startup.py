@@ -6,14 +6,15 @@ one chat prompt and exits, so the time counts everything a user waits for:
 interpreter start, imports, model load, the chat template, prompt decoding,
 generation (and, for Lanner, logging the turn to its SQLite database). Time to
 first token is when the first byte of the answer reaches the pipe. The two
-sides alternate, after one warm-up each (the file is in the page cache, the F16
+sides alternate, after one warm-up each (the file is in the page cache, the 16-bit
 re-encoding exists), and the texts must be identical: the same tokens.
 
 The reference is what a user would write: ``Llama(path, n_ctx, n_threads,
 flash_attn=True, verbose=False)`` and ``create_chat_completion(stream=True)``,
 with Lanner's context size, threads and attention kernel, so both do the same
-work. ``smollm2`` runs the F16 re-encoding of the shipped Q4_1 file, so its
-reference gets that F16 file (found through ``lanner.engine``).
+work. ``smollm2`` runs the BF16 or F16 re-encoding of the shipped Q4_1 file
+(``registry.half_type``), so its reference gets that file (found through
+``lanner.engine``).
 
     python benchmarks/startup.py [--models smollm2-q4_1 smollm2] [--repeat 5] [--quick]
 """

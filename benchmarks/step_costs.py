@@ -33,7 +33,7 @@ SIZES = (1, 2, 3, 4, 6, 8, 12, 16)
 
 
 def gguf_of(engine: Engine, name: str) -> Path | None:
-    """The file `lanner run NAME` runs (the F16 re-encoding for `smollm2`)."""
+    """The file `lanner run NAME` runs (the BF16 or F16 re-encoding for `smollm2`)."""
     try:
         model = engine.load(name, n_ctx=256)
     except ModelNotFound as e:

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lanner.engine.registry import half_type
+
 LANNER = [sys.executable, "-m", "lanner"]
 QUESTION = "What is the capital of France?"
 
@@ -166,10 +168,11 @@ def test_logs_show_provenance(lanner_home: Path, smollm2_gguf: Path) -> None:
            "--seed", "11", home=lanner_home)
     result = lanner("logs", "--json", home=lanner_home)
     (turn,) = json.loads(result.stdout)
-    # The default smollm2 runs the shipped weights re-encoded as F16: the log
-    # names and hashes the file that actually ran.
+    # The default smollm2 runs the shipped weights re-encoded as BF16 or F16
+    # (whichever this CPU multiplies natively): the log names and hashes the
+    # file that actually ran.
     ran = Path(turn["model_path"])
-    assert ran.name.endswith(".f16.gguf") and ran.exists()
+    assert ran.name.endswith(f".{half_type()}.gguf") and ran.exists()
     assert turn["model_sha256"] == hashlib.sha256(ran.read_bytes()).hexdigest()
     assert turn["sampling"]["temperature"] == 0 and turn["seed"] == 11
     assert turn["backend"] == "llama.cpp" and turn["prompt"] == QUESTION
@@ -237,11 +240,21 @@ def _wait_for_turns(db: Path, n: int, timeout: float = 120) -> None:
     raise AssertionError(f"{n} turns were not logged in {timeout} s")
 
 
+def test_the_half_type_follows_the_cpu(tmp_path: Path) -> None:
+    """smollm2 is re-encoded as BF16 where the CPU has AVX512_BF16, else F16."""
+    with_bf16, without = tmp_path / "with", tmp_path / "without"
+    with_bf16.write_text("processor : 0\nflags : fpu avx512f avx512_bf16 avx512_vnni\n")
+    without.write_text("processor : 0\nflags : fpu avx512f avx512bw avx512_vnni\n")
+    assert half_type(str(with_bf16)) == "bf16"
+    assert half_type(str(without)) == "f16"
+    assert half_type(str(tmp_path / "missing")) == "f16"
+
+
 def test_models_lists_the_bundled_model_and_what_it_runs_as(lanner_home: Path) -> None:
     listed = lanner("models", home=lanner_home)
     assert listed.returncode == 0, listed.stderr
     rows = {line.split()[0]: line for line in listed.stdout.splitlines()[1:]}
-    # The shipped Q4_1 file, which llama.cpp re-encodes as F16 before running it.
-    assert "98.4 MB" in rows["smollm2"] and "gguf -> f16" in rows["smollm2"]
+    # The shipped Q4_1 file, which llama.cpp re-encodes as BF16 or F16 before running it.
+    assert "98.4 MB" in rows["smollm2"] and f"gguf -> {half_type()}" in rows["smollm2"]
     assert "Apache-2.0" in rows["smollm2"]
     assert "->" not in rows["smollm2-q4_1"]

@@ -1,4 +1,4 @@
-"""Re-encoding a GGUF's weights to another llama.cpp type (F16, Q8_0), once.
+"""Re-encoding a GGUF's weights to another llama.cpp type (F16, BF16, Q8_0), once.
 
 Why: the bundled SmolLM2 ships as Q4_1. llama.cpp multiplies Q4 weights with
 activations it quantises to 8 bits, and for a 135M model that loses real answers
@@ -7,6 +7,13 @@ the same weights dequantised in transformers answer it). Re-encoding the shipped
 weights as F16 keeps their values (Q4_1 blocks dequantise exactly into F16's
 range) and makes llama.cpp compute in F16; it also batches better. Measured in
 docs/benchmarks.md (perplexity and speed of both).
+
+BF16 keeps 8 bits of mantissa instead of 11 (perplexity 55.68 against F16's
+55.65 on the same text, 99% the same top-1 tokens) and, on a CPU with
+AVX512_BF16, multiplies natively: steps of several tokens (prompts, batched
+streams, speculative checks) ran 7-15% faster there, one token at the same
+speed (``registry.half_type`` picks it per CPU). Its batched rows differ more
+from one-token steps (logprobs up to 0.055 apart, against 0.013).
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from pathlib import Path
 from lanner.backends.conversion_cache import KEY_HEX, prune, source_sha256
 from lanner.errors import InvalidRequest, ModelLoadError
 
-FTYPES = ("f16", "q8_0")
+FTYPES = ("f16", "bf16", "q8_0")
 
 
 def reencoded(path: Path, ftype: str, cache_root: Path) -> Path:
@@ -44,6 +51,7 @@ def reencoded(path: Path, ftype: str, cache_root: Path) -> Path:
     tmp = dest.with_suffix(f".partial-{os.getpid()}")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = {"f16": llama_cpp.LLAMA_FTYPE_MOSTLY_F16,
+                    "bf16": llama_cpp.LLAMA_FTYPE_MOSTLY_BF16,
                     "q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0}[ftype]
     params.allow_requantize = True
     params.nthread = os.cpu_count() or 1

@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     home = paths.home(args.home)
     rows: list[tuple[str, ...]] = [("NAME", "SIZE", "FORMAT", "CONTEXT", "LICENCE", "WHERE")]
     # A GGUF that llama.cpp re-encodes before running (the bundled smollm2 runs
-    # as F16) says so: its size here is the shipped file's.
+    # as BF16 or F16) says so: its size here is the shipped file's.
     for s in specs:
         lic = licence_of(s, home)
         terms = f" ({'; '.join(lic.restrictions())})" if lic and lic.restrictions() else ""
