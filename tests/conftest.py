@@ -46,3 +46,13 @@ def smollm2_hf_folder(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFacto
     from lanner.backends import gguf_convert
 
     return gguf_convert.converted_folder(smollm2_gguf, tmp_path_factory.mktemp("converted"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_half_gguf(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """What `lanner run smollm2` runs: the shipped Q4_1 re-encoded as BF16 or F16
+    (``registry.half_type``), written once a session."""
+    from lanner.backends.gguf_reencode import reencoded
+    from lanner.engine.registry import half_type
+
+    return reencoded(smollm2_gguf, half_type(), tmp_path_factory.mktemp("half"))

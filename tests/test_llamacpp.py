@@ -256,8 +256,7 @@ def test_logprobs_match_llama_cpp_python_logits(smol: LlamaCppBackend,
 def test_concurrent_streams_are_batched_and_match_single_runs(smollm2_gguf: Path) -> None:
     prompts = ["The capital of Italy is", "def fibonacci(n):", "Roses are red,",
                "My favourite food is"]
-    # Each alone on a fresh cache. (A reused cached prefix is evaluated in a
-    # different batch shape and may round differently, as in llama-server.)
+    # Each alone on a fresh cache.
     alone = []
     for prompt in prompts:
         with LlamaCppBackend(smollm2_gguf, n_ctx=512, n_seq_max=4) as backend:
@@ -320,6 +319,30 @@ def test_a_cached_prefix_is_reused(smol: LlamaCppBackend) -> None:
     assert smol.reused_tokens - before >= len(turn)
     with LlamaCppBackend(smol.path, n_ctx=512) as fresh:
         assert greedy(fresh, follow, 6).text == cached.text
+
+
+def test_a_cached_prefix_gives_the_same_first_logits_and_seeded_answer(
+        smollm2_half_gguf: Path) -> None:
+    """A repeated prompt reuses its cached prefix but still decodes its last two
+    tokens in one batch: a row decoded alone rounds differently from a batch's
+    (a logit up to 0.27 apart on BF16), so the first logprobs and the seeded
+    answer come out exactly as on the fresh prompt."""
+    with LlamaCppBackend(smollm2_half_gguf, n_ctx=512) as backend:
+        ids = chat_ids(backend, "Write a short poem about the sea.")
+
+        def ask() -> Completion:
+            return collect(backend.stream(Request(ids, max_tokens=12, temperature=1.0,
+                                                  seed=1234, logprobs=True, top_logprobs=5)))
+
+        fresh = ask()
+        before = backend.reused_tokens
+        cached = ask()
+        assert backend.reused_tokens - before == len(ids) - 2  # all but the last two
+        first_fresh, first_cached = fresh.tokens[0], cached.tokens[0]
+        assert first_cached.logprob == first_fresh.logprob  # bit for bit
+        assert [(t.token_id, t.logprob) for t in first_cached.top] == \
+            [(t.token_id, t.logprob) for t in first_fresh.top]
+        assert cached.text == fresh.text
 
 
 def test_corrupt_files_raise_model_load_error(tmp_path: Path, tinycoder_gguf: Path) -> None:

@@ -10,8 +10,9 @@ leave between steps; more than ``n_seq_max`` wait in a FIFO queue.
 
 A finished sequence's KV stays in its slot as a prefix cache: a new request
 starting with the same tokens (the next turn of a chat) takes that slot and
-decodes only the rest. In a unified cache (all slots share ``n_ctx`` cells)
-idle caches are evicted, least recently used first, when the cells are needed;
+decodes only the rest (at least two tokens: ``reuse_cap``). In a unified
+cache (all slots share ``n_ctx`` cells) idle caches are evicted, least
+recently used first, when the cells are needed;
 in a split cache each slot owns ``n_ctx`` cells and nothing is ever evicted.
 """
 
@@ -68,6 +69,17 @@ class _Batch:
 
     def free(self) -> None:
         llama_cpp.llama_batch_free(self.raw)
+
+
+def reuse_cap(job: Job) -> int:
+    """Most cached tokens a job may reuse: it decodes at least the two tokens
+    before its first output. llama.cpp computes a row alone (one token) by
+    another code path than rows of a batch, and they round differently (a
+    prompt's last logits up to 0.27 apart on smollm2 BF16, 0.017 on F16),
+    while a row in any batch of two or more tokens comes out bit-identical
+    (measured): so a prompt whose prefix was cached gives the same first
+    logits, and the same seeded answer, as the same prompt decoded afresh."""
+    return max(0, job.first_output - 1)
 
 
 def common_prefix(a: list[int], b: list[int], cap: int) -> int:
@@ -183,7 +195,7 @@ class Scheduler:
             if not idle:
                 return
             slot = self._choose(job, idle)
-            reuse = common_prefix(slot.tokens, job.tokens, job.first_output)
+            reuse = common_prefix(slot.tokens, job.tokens, reuse_cap(job))
             # Its cached prefix turns from idle (evictable) into held cells too.
             if not self.split and len(job.tokens) > self._unreserved_cells():
                 return
@@ -199,7 +211,7 @@ class Scheduler:
         ids in fewer runs wins, unless another holds a long prefix.
         """
         def reuse(s: Slot) -> int:
-            return common_prefix(s.tokens, job.tokens, job.first_output)
+            return common_prefix(s.tokens, job.tokens, reuse_cap(job))
 
         if not self.split:
             return max(idle, key=lambda s: (reuse(s), -len(s.tokens), -s.last_used))
