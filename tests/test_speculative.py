@@ -297,6 +297,40 @@ def test_drafts_are_sized_by_what_a_step_costs() -> None:
     assert noisy.cost(1) == pytest.approx(0.0105)
 
 
+def test_no_drafts_while_a_prompt_is_being_decoded(
+        tinycoder_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stream that generates while another request's prompt is still being
+    decoded (in 16-token chunks here) drafts nothing until that prompt is in:
+    the prompt takes the step's room. Alone again, it drafts."""
+    from lanner.backends import llamacpp_jobs
+
+    drafted_during_prefill: list[int] = []
+    drafted: list[int] = []
+    original = llamacpp_jobs.GenJob.set_draft
+    with LlamaCppBackend(tinycoder_gguf, n_ctx=1024, n_batch=16, n_ubatch=16,
+                         speculative="ngram") as backend:
+        sched = backend._sched
+
+        def set_draft(job: llamacpp_jobs.GenJob, draft: list[int]) -> None:
+            prefilling = [j for j in sched.active if len(j.feed) > 1 and j is not job]
+            (drafted_during_prefill if prefilling else drafted).append(len(draft))
+            original(job, draft)
+
+        monkeypatch.setattr(llamacpp_jobs.GenJob, "set_draft", set_draft)
+        loop = [5, 6, 7, 8] * 12  # a repeating prompt: n-gram drafts always match
+        collect(backend.stream(Request(loop, max_tokens=60, temperature=0)))  # costs learnt
+        assert drafted and not drafted_during_prefill  # alone, it drafts
+        drafted.clear()
+        first = backend.stream(Request(loop, max_tokens=400, temperature=0))
+        next(first)  # generating
+        long_prompt = list(range(100, 400))  # about 19 chunks of 16
+        second = collect(backend.stream(Request(long_prompt, max_tokens=4, temperature=0)))
+        rest = list(first)
+    assert second.finish is not None and rest
+    assert drafted_during_prefill == []
+    assert drafted  # it did draft, when nothing else was decoding
+
+
 def test_parse() -> None:
     assert speculative.parse("ngram") == ("ngram", None)
     assert speculative.parse("draft:smollm2-q4_1") == ("draft", "smollm2-q4_1")

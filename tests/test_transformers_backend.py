@@ -262,6 +262,9 @@ def test_cpu_weight_layouts_keep_the_model_s_logits(llama_dir: Path, dtype: str)
         bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
         assert backend.weight_layout == ("onednn-packed" if bf16 else None)
         assert all(hasattr(m, "packed_weight") == bf16 for m in linears)
+        for layer in backend.model.model.layers:  # and q/k/v, gate/up stacked, one copy each
+            assert hasattr(layer.self_attn, "qkv_packed") == bf16
+            assert hasattr(layer.mlp, "gate_up_packed") == bf16
         tolerance = {"rtol": 0, "atol": 0}
     assert backend.metadata.extra["weight_layout"] == backend.weight_layout
     assert all(m.weight.is_contiguous() for m in plain.modules() if type(m) is torch.nn.Linear)

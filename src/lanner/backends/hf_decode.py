@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from lanner.backends.hf_slots import SlotCache
-from lanner.backends.hf_weights import rows_group, rows_linear
+from lanner.backends.hf_weights import rows_linear, stacked
 
 SUPPORTED = frozenset({"llama"})
 """Model types whose decoder layer is pre-norm RMSNorm, rotary q/k, Llama's
@@ -63,11 +63,12 @@ def decode_step(model: Any, ids: torch.Tensor, positions: torch.Tensor, cache: S
         mlp = layer.mlp
         gate_up_t = getattr(mlp, "gate_up_t", None)  # hf_weights' fused layouts
         sizes = (mlp.gate_proj.out_features, mlp.up_proj.out_features)
-        stacked = rows_group(mlp, "gate_up_rows", x, sizes) if several else None
+        both = stacked(mlp, ("gate_up_rows", "gate_up_packed") if several else ("gate_up_packed",),
+                       x, sizes)
         if gate_up_t is not None and not several:
             gate, up = (x @ gate_up_t).split(sizes, dim=-1)
-        elif stacked is not None:
-            gate, up = stacked
+        elif both is not None:
+            gate, up = both
         else:
             gate, up = linear(mlp.gate_proj, x), linear(mlp.up_proj, x)
         hidden = hidden + linear(mlp.down_proj, mlp.act_fn(gate) * up)
@@ -95,11 +96,11 @@ def _attention(attn: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     batch, dim = x.shape[0], attn.head_dim
     qkv_t = getattr(attn, "qkv_t", None)  # hf_weights' fused layouts
     sizes = (attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features)
-    stacked = rows_group(attn, "qkv_rows", x, sizes) if several else None
+    three = stacked(attn, ("qkv_rows", "qkv_packed") if several else ("qkv_packed",), x, sizes)
     if qkv_t is not None and not several:
         q, k, v = (x @ qkv_t).split(sizes, dim=-1)
-    elif stacked is not None:
-        q, k, v = stacked
+    elif three is not None:
+        q, k, v = three
     else:
         linear = rows_linear if several else _forward
         q, k, v = linear(attn.q_proj, x), linear(attn.k_proj, x), linear(attn.v_proj, x)

@@ -21,7 +21,7 @@ shapes, one thread:
   while it takes at most half of the memory available) ran 8 rows of SmolLM2
   at 2x the tokens per second (41 -> 81), the same greedy tokens; one row
   stays on the column-major weights, which read faster alone. The copies of
-  q/k/v and of gate/up are stacked, one product each (``rows_group``).
+  q/k/v and of gate/up are stacked, one product each (``stacked``).
 - bfloat16: oneDNN with the weight reordered into its blocked layout
   (``torch.ops.mkldnn._reorder_linear_weight``, what inductor's CPU freezing
   uses) runs ~1.3-1.9x faster with bit-identical outputs (both accumulate in
@@ -29,7 +29,10 @@ shapes, one thread:
   packed copy: one more copy of the linear weights in memory, so it is made
   only while the copy takes at most half the memory the system has available
   (a 7B model's 13 GB would not be doubled on a 24 GB machine); otherwise the
-  weights stay as loaded.
+  weights stay as loaded. Where twice that fits, q/k/v and gate/up also get
+  one stacked packed copy each (``qkv_packed``, ``gate_up_packed``), which
+  ``hf_decode`` multiplies once (the modules keep their own copies for
+  prompt passes and adapters).
 
 Prompt passes (many tokens at once) run at the same speed either way. Modules
 keep their ``weight``: peft adapters wrap a module and call it, so LoRA still
@@ -77,14 +80,14 @@ def prepare(model: Any) -> str | None:
         if rows_copy:  # before the views below
             fused: set[Any] = set()
             for module in model.modules():
-                fused |= _pack_rows(module, "qkv_rows", ("q_proj", "k_proj", "v_proj"))
-                fused |= _pack_rows(module, "gate_up_rows", ("gate_proj", "up_proj"))
+                fused |= _pack_group(module, "qkv_rows", QKV, ROWS_HINT)
+                fused |= _pack_group(module, "gate_up_rows", GATE_UP, ROWS_HINT)
             for module in linears:
                 if module not in fused:
                     module.packed_rows = _reorder_rows(module.weight.detach())
         for module in model.modules():  # fused groups first: one copy each
-            _fuse(module, "qkv_t", ("q_proj", "k_proj", "v_proj"))
-            _fuse(module, "gate_up_t", ("gate_proj", "up_proj"))
+            _fuse(module, "qkv_t", QKV)
+            _fuse(module, "gate_up_t", GATE_UP)
         for module in linears:
             if module.weight.stride(0) != 1:  # not laid out yet (a tied weight may be)
                 module.weight.data = module.weight.data.t().contiguous().t()
@@ -92,12 +95,20 @@ def prepare(model: Any) -> str | None:
     if (weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
             and torch.ops.mkldnn._is_mkldnn_bf16_supported()
             and room is not None and copy <= room // 2):
+        if 2 * copy <= room // 2:  # room for the stacked copies too
+            for module in model.modules():
+                _pack_group(module, "qkv_packed", QKV, 1)
+                _pack_group(module, "gate_up_packed", GATE_UP, 1)
         for module in linears:
             module.packed_weight = torch.ops.mkldnn._reorder_linear_weight(
                 module.weight.detach(), 1)
             module.forward = _packed_forward.__get__(module)  # type: ignore[method-assign]
         return "onednn-packed"
     return None
+
+
+QKV = ("q_proj", "k_proj", "v_proj")
+GATE_UP = ("gate_proj", "up_proj")
 
 
 def _group(parent: Any, children: tuple[str, ...]) -> list[Any] | None:
@@ -108,19 +119,19 @@ def _group(parent: Any, children: tuple[str, ...]) -> list[Any] | None:
     return linears if len(linears) == len(children) else None
 
 
-def _reorder_rows(weight: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), ROWS_HINT)
+def _reorder_rows(weight: torch.Tensor, rows: int = 0) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), rows or ROWS_HINT)
 
 
-def _pack_rows(parent: Any, name: str, children: tuple[str, ...]) -> set[Any]:
-    """One oneDNN copy, packed for several rows, of ``parent``'s bias-free
+def _pack_group(parent: Any, name: str, children: tuple[str, ...], rows: int) -> set[Any]:
+    """One oneDNN copy, packed for ``rows`` rows, of ``parent``'s bias-free
     linear ``children`` stacked (``parent.<name>``): one product for all of
-    them in a step of several rows (fewer, larger calls; ~150 fewer a step on
-    SmolLM2). The children it covers, which need no copy of their own."""
+    them in a decode step (fewer, larger calls; ~150 fewer a step on
+    SmolLM2). The children it covers."""
     linears = _group(parent, children)
     if linears is None:
         return set()
-    setattr(parent, name, _reorder_rows(torch.cat([m.weight.detach() for m in linears])))
+    setattr(parent, name, _reorder_rows(torch.cat([m.weight.detach() for m in linears]), rows))
     return set(linears)
 
 
@@ -156,15 +167,16 @@ def rows_linear(module: Any, x: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
-def rows_group(parent: Any, name: str, x: torch.Tensor, sizes: tuple[int, ...]
-               ) -> tuple[torch.Tensor, ...] | None:
-    """The outputs of the linears stacked in ``parent.<name>`` (``_pack_rows``)
-    for a step of several rows, split by ``sizes``; None where there is no such copy."""
-    packed = getattr(parent, name, None)
-    if packed is None:
-        return None
-    out = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
-    return tuple(out.split(sizes, dim=-1))
+def stacked(parent: Any, names: tuple[str, ...], x: torch.Tensor, sizes: tuple[int, ...]
+            ) -> tuple[torch.Tensor, ...] | None:
+    """The outputs of the linears stacked in the first of ``parent``'s copies
+    ``names`` it has (``_pack_group``), split by ``sizes``; None where it has none."""
+    for name in names:
+        packed = getattr(parent, name, None)
+        if packed is not None:
+            out = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+            return tuple(out.split(sizes, dim=-1))
+    return None
 
 
 def _packed_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:

@@ -315,9 +315,15 @@ class Scheduler:
         cost here and how often its drafts were right (``StepCosts.allocate``):
         on a CPU a step of a few tokens costs about one token's, so one stream
         drafts several; as more sequences share the batch the drafts shrink,
-        and none are added while more than ``SPEC_MAX_STREAMS`` generate."""
-        generating = [j for j in self.active if not (j.done or j.cancelled)
-                      and len(j.feed) == 1 and len(self._slot_of[j].tokens) >= len(j.tokens)]
+        and none are added while more than ``SPEC_MAX_STREAMS`` generate, or
+        while a prompt is being decoded or a request waits (8 streams
+        arriving together: drafts of the first to start would slow the
+        others' prompts)."""
+        live = [j for j in self.active if not (j.done or j.cancelled)]
+        generating = [j for j in live
+                      if len(j.feed) == 1 and len(self._slot_of[j].tokens) >= len(j.tokens)]
+        if len(generating) < len(live) or self.waiting:  # prompts to decode take the room
+            return
         wanting = [(j, k) for j in generating if (k := j.wants_draft()) > 0]
         if not wanting or len(generating) > SPEC_MAX_STREAMS:
             return
