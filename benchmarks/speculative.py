@@ -238,7 +238,14 @@ async def concurrent(url: str, model: str, streams: int, n: int, serial: int) ->
         counts = await asyncio.gather(*(
             stream_one(session, url, model, f"#{serial}-{i}. {prompts[i % len(prompts)]}", n)
             for i in range(streams)))
+        TOKENS.setdefault(url, []).append(sum(counts))
         return sum(counts) / (time.perf_counter() - start)
+
+
+TOKENS: dict[str, list[int]] = {}
+"""Completion tokens of each serving round, per server: greedy answers in a
+batch can part from run to run (a batch's rows round differently), so the two
+sides may not decode the same number of tokens."""
 
 
 def serving(target: str, streams: int, n: int, rounds: int) -> None:
@@ -259,7 +266,9 @@ def serving(target: str, streams: int, n: int, rounds: int) -> None:
         off, spec = statistics.median(got["off"]), statistics.median(got["ngram"])
         print(f"  {streams} streams through lanner serve: off {off:.1f} tok/s, ngram "
               f"{spec:.1f} tok/s ({spec / off:.2f}x; rounds: "
-              f"{[round(a / b, 2) for a, b in zip(got['ngram'], got['off'], strict=True)]})")
+              f"{[round(a / b, 2) for a, b in zip(got['ngram'], got['off'], strict=True)]}; "
+              f"tokens per round: off {TOKENS[urls['off']][1:]}, "
+              f"ngram {TOKENS[urls['ngram']][1:]})")
         metrics = httpx.get(urls["ngram"] + "/metrics", timeout=10).text
         print("  " + "\n  ".join(ln for ln in metrics.splitlines()
                                  if ln.startswith("lanner_backend_spec")))
