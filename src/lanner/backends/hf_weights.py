@@ -84,7 +84,7 @@ def prepare(model: Any) -> str | None:
                 fused |= _pack_group(module, "gate_up_rows", GATE_UP, ROWS_HINT)
             for module in linears:
                 if module not in fused:
-                    module.packed_rows = _reorder_rows(module.weight.detach())
+                    module.packed_rows = _reorder(module.weight.detach(), ROWS_HINT)
         for module in model.modules():  # fused groups first: one copy each
             _fuse(module, "qkv_t", QKV)
             _fuse(module, "gate_up_t", GATE_UP)
@@ -100,8 +100,7 @@ def prepare(model: Any) -> str | None:
                 _pack_group(module, "qkv_packed", QKV, 1)
                 _pack_group(module, "gate_up_packed", GATE_UP, 1)
         for module in linears:
-            module.packed_weight = torch.ops.mkldnn._reorder_linear_weight(
-                module.weight.detach(), 1)
+            module.packed_weight = _reorder(module.weight.detach(), 1)
             module.forward = _packed_forward.__get__(module)  # type: ignore[method-assign]
         return "onednn-packed"
     return None
@@ -119,8 +118,9 @@ def _group(parent: Any, children: tuple[str, ...]) -> list[Any] | None:
     return linears if len(linears) == len(children) else None
 
 
-def _reorder_rows(weight: torch.Tensor, rows: int = 0) -> torch.Tensor:
-    return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), rows or ROWS_HINT)
+def _reorder(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """A oneDNN copy of ``weight`` packed for products of ``rows`` rows."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), rows)
 
 
 def _pack_group(parent: Any, name: str, children: tuple[str, ...], rows: int) -> set[Any]:
@@ -131,7 +131,7 @@ def _pack_group(parent: Any, name: str, children: tuple[str, ...], rows: int) ->
     linears = _group(parent, children)
     if linears is None:
         return set()
-    setattr(parent, name, _reorder_rows(torch.cat([m.weight.detach() for m in linears]), rows))
+    setattr(parent, name, _reorder(torch.cat([m.weight.detach() for m in linears]), rows))
     return set(linears)
 
 
