@@ -19,8 +19,15 @@
     in one batched pass), and where the two sides part, asks the plain side for
     the logprobs of both tokens there: a gap within twice that rounding is a
     near tie settled by rounding (reported); a wider one is a bug (exit 1).
+    Then the ceilings on this run's own plain answers at the step costs
+    measured right after (``bounds``): what prompt lookup would gain if it
+    knew every draft's outcome, or only whether its first token is right.
+    The gap between them and the measured figure is what a better guess of
+    the outcome could still win; the ceilings themselves move with the
+    machine (how much a step of n tokens costs against one of 1).
   * 8 concurrent streams through `lanner serve --speculative off|ngram`, both
-    servers up, alternating rounds (the same grounded and open-ended prompts).
+    servers up, alternating rounds (the same grounded and open-ended prompts),
+    6 rounds by default: rounds swing by up to 25% on the shared VM.
 
 Usage: python benchmarks/speculative.py [--target smollm2] [--draft MODEL] [--quick]
 `--target qwen2.5-coder-0.5b` needs `make qwen` (skipped with a message otherwise).
@@ -34,14 +41,18 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
 import httpx
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from serve_throughput import free_port, start  # noqa: E402
+from step_costs import SIZES  # noqa: E402
 
+from lanner.backends.speculative import K_MAX, NgramIndex  # noqa: E402
 from lanner.engine.engine import Engine  # noqa: E402
 from lanner.engine.model import Model, make_request  # noqa: E402
 from lanner.engine.types import collect  # noqa: E402
@@ -91,9 +102,11 @@ STEPS: dict[int, int] = {}
 """llama_decode calls per model: steps taken, whatever the machine's load."""
 
 
-def one(model: Model, text: str, n: int) -> tuple[list[int], str, int, float, float, float]:
+def one(model: Model, text: str, n: int
+        ) -> tuple[list[int], str, int, float, float, float, list[int]]:
     """(token ids, text, completion tokens, seconds after the first token, whole
-    seconds, share of the answer copied from the prompt) of one greedy chat answer."""
+    seconds, share of the answer copied from the prompt, prompt ids) of one
+    greedy chat answer."""
     request = model.chat_request([{"role": "user", "content": text}], temperature=0,
                                  max_tokens=n)
     calls = model.backend.decode_calls  # type: ignore[attr-defined]
@@ -105,7 +118,7 @@ def one(model: Model, text: str, n: int) -> tuple[list[int], str, int, float, fl
     decode = out.finish.timings.total_s - out.finish.timings.ttft_s
     ids = [t.id for t in out.tokens]
     return (ids, out.text, out.finish.usage.completion_tokens, decode, seconds,
-            copied(list(request.prompt), ids))
+            copied(list(request.prompt), ids), list(request.prompt))
 
 
 def copied(prompt: list[int], answer: list[int]) -> float:
@@ -166,13 +179,14 @@ def single_stream(models: dict[str, Model], n: int, repeats: int) -> bool:
                 sides = list(models) if r % 2 == 0 else list(reversed(models))
                 outs = {}
                 for side in sides:
-                    ids, answer, tokens, decode, whole, share = one(
+                    ids, answer, tokens, decode, whole, share, prompt = one(
                         models[side], f"#{serial}. {text}", n)
                     outs[side] = (ids, answer)
                     for i, value in enumerate((tokens, decode, whole, 1)):
                         per[side][i] += value
                     if side == "off":
                         shares.append(share)
+                        ANSWERS.append((group, prompt, ids))
                 base = outs["off"]
                 for side, out in outs.items():
                     if out[0] != base[0]:
@@ -188,8 +202,10 @@ def single_stream(models: dict[str, Model], n: int, repeats: int) -> bool:
                     acc[i] += value
                 line += f"  {side} {rate(sums):6.1f} tok/s ({rate(sums) / rate(per['off']):.2f}x)"
             print(line, flush=True)
+    ratios = {}
     for group in ("grounded", "open-ended"):
         off = totals[(group, "off")]
+        ratios[group] = rate(totals[(group, "ngram")]) / rate(off)
         for side in models:
             got = totals[(group, side)]
             print(f"  {group:<10} all  {side:<14} decode {rate(got):6.1f} tok/s "
@@ -204,7 +220,70 @@ def single_stream(models: dict[str, Model], n: int, repeats: int) -> bool:
     print(f"  same tokens with and without speculation: {'yes' if same else 'NO'}"
           + (f" (apart from {ties} near tie(s) settled by rounding)" if ties else ""),
           flush=True)
+    bounds(models["ngram"], ratios)
     return same
+
+
+ANSWERS: list[tuple[str, list[int], list[int]]] = []
+"""(group, prompt ids, plain greedy answer ids) of every single-stream request."""
+
+
+def bounds(model: Model, measured: dict[str, float]) -> None:
+    """What prompt lookup could gain on this run's own answers at the step
+    costs this run's scheduler measured (a step of n tokens, its overheads
+    included; sizes it never ran are interpolated): replayed with an oracle
+    that knows how many draft tokens will be kept and drafts just those when
+    they pay, and with one that only knows whether the first draft token is
+    right (and then drafts all the lookup offers, up to K_MAX). Lanner's
+    drafts know neither: these are ceilings for the figure above, not
+    predictions."""
+    got = model.backend.step_seconds  # type: ignore[attr-defined]
+    sizes = sorted(got)
+    if len(sizes) < 2:
+        return
+    slope = (got[sizes[-1]] - got[sizes[-2]]) / (sizes[-1] - sizes[-2])
+
+    def cost(n: int) -> float:
+        if n > sizes[-1]:
+            return got[sizes[-1]] + slope * (n - sizes[-1])
+        return float(np.interp(n, sizes, [got[m] for m in sizes]))
+
+    print("  step of n tokens, as the scheduler measured it: "
+          + "  ".join(f"{n}: {got[n] / got[1]:.2f}x" for n in sizes if n in SIZES))
+    for group in ("grounded", "open-ended"):
+        answers = [(p, a) for g, p, a in ANSWERS if g == group]
+        plain = sum(len(a) - 1 for _, a in answers) * cost(1)
+        oracle = sum(replay(p, a, cost, gate_only=False) for p, a in answers)
+        gate = sum(replay(p, a, cost, gate_only=True) for p, a in answers)
+        print(f"  {group:<10} ceiling on these answers: knowing every draft's outcome "
+              f"{plain / oracle:.2f}x, knowing only the first token's {plain / gate:.2f}x "
+              f"(measured above: {measured[group]:.2f}x)", flush=True)
+
+
+def replay(prompt: list[int], answer: list[int], cost: Callable[[int], float],
+           gate_only: bool) -> float:
+    """Seconds to decode ``answer`` after its first token with prompt lookup
+    (see ``bounds``)."""
+    index = NgramIndex(list(prompt) + answer[:1])
+    seconds, i = 0.0, 1
+    while i < len(answer):
+        left = len(answer) - i - 1
+        draft, _ = index.propose(min(K_MAX, left)) if left > 0 else ([], 0)
+        kept = 0
+        for a, b in zip(draft, answer[i:], strict=False):
+            if a != b:
+                break
+            kept += 1
+        if gate_only:
+            fed = len(draft) if kept else 0
+        else:  # just the kept ones, if drafting pays at all
+            fed = max(range(kept + 1), key=lambda d: (d + 1) / cost(d + 1))
+        seconds += cost(1 + fed)
+        step = min(kept, fed) + 1
+        for token in answer[i:i + step]:
+            index.append(token)
+        i += step
+    return seconds
 
 
 def rate(sums: list[float], which: int = 1) -> float:
@@ -309,7 +388,7 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=160)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--streams", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--skip-serve", action="store_true")
     parser.add_argument("--skip-single", action="store_true",
                         help="only the concurrent streams through lanner serve")

@@ -87,6 +87,12 @@ def test_quoting_decodes_in_fewer_steps_and_counts_its_drafts(ngram: LlamaCppBac
     stats_ = ngram.stats()
     assert stats_["spec_drafted_tokens"] == ngram.drafted_tokens
     assert 0 < stats_["spec_acceptance_rate"] <= 1
+    # What steps of each size cost, as drafts are sized by it: one-token steps
+    # and the drafted sizes (a size's first step is left out, so ask twice).
+    greedy(ngram, PROMPTS[0], 32)
+    seen = ngram.step_seconds
+    assert 1 in seen and any(n > 1 for n in seen)
+    assert all(seconds > 0 for seconds in seen.values())
 
 
 def test_logprobs_and_stop_strings_are_unchanged(

@@ -233,6 +233,13 @@ class LlamaCppBackend:
         """Draft tokens that were what the model itself sampled."""
         return self._sched.accepted_tokens
 
+    @property
+    def step_seconds(self) -> dict[int, float]:
+        """What a step of n tokens has cost lately, by n (the sizes seen so far;
+        what drafts are sized by, ``StepCosts``)."""
+        seconds = self._sched.step_costs.seconds
+        return {n: s for n, s in enumerate(seconds) if s is not None}
+
     def stats(self) -> dict[str, float]:
         drafted = self.drafted_tokens
         return {
