@@ -73,7 +73,10 @@ def build(out: Path) -> Path:
         work = Path(tmp)
         sdist = download(work)
         with tarfile.open(sdist) as tar:
-            tar.extractall(work, filter="data")
+            if hasattr(tarfile, "data_filter"):  # Python 3.11.4+
+                tar.extractall(work, filter="data")
+            else:
+                tar.extractall(work)
         src = work / f"llama_cpp_python-{VERSION}"
         for patch in PATCHES:
             done = subprocess.run(["patch", "-p1", "--forward", "--batch", "-i", str(patch)],
@@ -106,6 +109,8 @@ def main() -> int:
     args = parser.parse_args()
     if not PATCHES:
         fail(f"no patches/llama-cpp-python-{VERSION}-*.patch")
+    if shutil.which("patch") is None:
+        fail("the `patch` command is missing (Debian/Ubuntu: apt-get install patch)")
     out = cache_dir(args.cache) / key()
     found = sorted(out.glob(f"llama_cpp_python-{VERSION}+{LOCAL}-*.whl"))
     wheel = found[0] if found else build(out)
