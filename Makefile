@@ -14,6 +14,8 @@ $(VENV)/.installed: pyproject.toml Makefile scripts/llama_cpp_wheel.py $(wildcar
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	@# llama-cpp-python built with patches/ (small batches decode faster); the wheel is cached.
+	@command -v patch >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && apt-get update -qq && apt-get install -y -qq patch; } || true
 	wheel=$$($(BIN)/python scripts/llama_cpp_wheel.py) && $(BIN)/pip install -q --force-reinstall --no-deps "$$wheel"
 	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install -q -e '.[hf,server,rag,pg,eval,dev]'
 	$(BIN)/pip install -q --no-deps $(BUNDLED)
