@@ -9,7 +9,8 @@ patch that does not apply is an error, never skipped); the version gets the
 local label ``+lanner<N>``, which still satisfies ``llama-cpp-python==0.3.36``,
 so `pip show` tells a patched build from PyPI's. Building takes 7-10 minutes on
 2 cores, so the wheel is kept under ``$XDG_CACHE_HOME/lanner/wheels/``, keyed by
-the sdist and the patches' contents: a change to either builds a new one.
+the sdist and the patches' contents: a change to either builds a new one and
+removes the wheels built before it.
 
 Usage: python scripts/llama_cpp_wheel.py [--cache DIR]   (prints the wheel's path)
 """
@@ -29,7 +30,7 @@ from pathlib import Path
 
 VERSION = "0.3.36"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
-LOCAL = "lanner1"
+LOCAL = "lanner2"
 """Raised with every change to the patches' effect."""
 PATCHES = sorted((Path(__file__).resolve().parents[1] / "patches").glob(
     f"llama-cpp-python-{VERSION}-*.patch"))
@@ -113,7 +114,13 @@ def main() -> int:
         fail("the `patch` command is missing (Debian/Ubuntu: apt-get install patch)")
     out = cache_dir(args.cache) / key()
     found = sorted(out.glob(f"llama_cpp_python-{VERSION}+{LOCAL}-*.whl"))
-    wheel = found[0] if found else build(out)
+    if found:
+        print(found[0])
+        return 0
+    wheel = build(out)
+    for old in out.parent.iterdir():  # wheels of earlier patches (24 MB each)
+        if old.is_dir() and old != out:
+            shutil.rmtree(old, ignore_errors=True)
     print(wheel)
     return 0
 
