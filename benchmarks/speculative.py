@@ -19,8 +19,8 @@
     in one batched pass), and where the two sides part, asks the plain side for
     the logprobs of both tokens there: a gap within twice that rounding is a
     near tie settled by rounding (reported); a wider one is a bug (exit 1).
-    Then the ceilings on this run's own plain answers at the step costs
-    measured right after (``bounds``): what prompt lookup would gain if it
+    Then the ceilings on this run's own plain answers at the step costs its
+    scheduler measured (``bounds``): what prompt lookup would gain if it
     knew every draft's outcome, or only whether its first token is right.
     The gap between them and the measured figure is what a better guess of
     the outcome could still win; the ceilings themselves move with the

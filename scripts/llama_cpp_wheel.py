@@ -7,7 +7,7 @@ The sdist is pip's download of the pinned release, checked against its sha256;
 each file in patches/ named for that release is applied (``patch -p1``, and a
 patch that does not apply is an error, never skipped); the version gets the
 local label ``+lanner<N>``, which still satisfies ``llama-cpp-python==0.3.36``,
-so `pip show` tells a patched build from PyPI's. Building takes 7-10 minutes on
+so `pip show` tells a patched build from PyPI's. Building takes 5-10 minutes on
 2 cores, so the wheel is kept under ``$XDG_CACHE_HOME/lanner/wheels/``, keyed by
 the sdist and the patches' contents: a change to either builds a new one and
 removes the wheels built before it.
@@ -27,6 +27,7 @@ import sys
 import tarfile
 import tempfile
 from pathlib import Path
+from typing import NoReturn
 
 VERSION = "0.3.36"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
@@ -36,7 +37,7 @@ PATCHES = sorted((Path(__file__).resolve().parents[1] / "patches").glob(
     f"llama-cpp-python-{VERSION}-*.patch"))
 
 
-def fail(why: str) -> None:
+def fail(why: str) -> NoReturn:
     sys.exit(f"llama_cpp_wheel: {why}")
 
 
@@ -69,6 +70,35 @@ def download(into: Path) -> Path:
     return sdist
 
 
+def apply_patches(src: Path, patches: list[Path]) -> None:
+    """``patch -p1`` each of ``patches`` in ``src``; one that does not apply fails."""
+    if shutil.which("patch") is None:
+        fail("the `patch` command is missing (Debian/Ubuntu: apt-get install patch)")
+    for patch in patches:
+        done = subprocess.run(["patch", "-p1", "--forward", "--batch", "-i", str(patch)],
+                              cwd=src, capture_output=True, text=True)
+        if done.returncode != 0:
+            fail(f"{patch.name} does not apply to llama-cpp-python {VERSION}:\n"
+                 f"{done.stdout}{done.stderr}")
+
+
+def label(src: Path) -> None:
+    """Give the package's version the local label ``+LOCAL``."""
+    init = src / "llama_cpp" / "__init__.py"
+    text, n = re.subn(rf'__version__ = "{re.escape(VERSION)}"',
+                      f'__version__ = "{VERSION}+{LOCAL}"', init.read_text())
+    if n != 1:
+        fail(f"no __version__ = {VERSION!r} in {init}")
+    init.write_text(text)
+
+
+def prune(cache: Path, keep: Path) -> None:
+    """Remove the wheels of earlier patches (24 MB each) from ``cache``."""
+    for old in cache.iterdir():
+        if old.is_dir() and old != keep:
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def build(out: Path) -> Path:
     with tempfile.TemporaryDirectory(prefix="lanner-llama-") as tmp:
         work = Path(tmp)
@@ -79,18 +109,8 @@ def build(out: Path) -> Path:
             else:
                 tar.extractall(work)
         src = work / f"llama_cpp_python-{VERSION}"
-        for patch in PATCHES:
-            done = subprocess.run(["patch", "-p1", "--forward", "--batch", "-i", str(patch)],
-                                  cwd=src, capture_output=True, text=True)
-            if done.returncode != 0:
-                fail(f"{patch.name} does not apply to llama-cpp-python {VERSION}:\n"
-                     f"{done.stdout}{done.stderr}")
-        init = src / "llama_cpp" / "__init__.py"
-        text, n = re.subn(rf'__version__ = "{re.escape(VERSION)}"',
-                          f'__version__ = "{VERSION}+{LOCAL}"', init.read_text())
-        if n != 1:
-            fail(f"no __version__ = {VERSION!r} in {init}")
-        init.write_text(text)
+        apply_patches(src, PATCHES)
+        label(src)
         env = dict(os.environ, CMAKE_BUILD_PARALLEL_LEVEL=str(os.cpu_count() or 1))
         dist = work / "dist"
         subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w",
@@ -110,17 +130,13 @@ def main() -> int:
     args = parser.parse_args()
     if not PATCHES:
         fail(f"no patches/llama-cpp-python-{VERSION}-*.patch")
-    if shutil.which("patch") is None:
-        fail("the `patch` command is missing (Debian/Ubuntu: apt-get install patch)")
     out = cache_dir(args.cache) / key()
     found = sorted(out.glob(f"llama_cpp_python-{VERSION}+{LOCAL}-*.whl"))
     if found:
         print(found[0])
         return 0
     wheel = build(out)
-    for old in out.parent.iterdir():  # wheels of earlier patches (24 MB each)
-        if old.is_dir() and old != out:
-            shutil.rmtree(old, ignore_errors=True)
+    prune(out.parent, out)
     print(wheel)
     return 0
 

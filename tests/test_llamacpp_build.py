@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import llama_cpp
 import numpy as np
+import pytest
 
 SCRIPT = Path(__file__).parents[1] / "scripts" / "llama_cpp_wheel.py"
 
@@ -46,3 +50,69 @@ def test_small_batches_give_the_logits_of_a_large_batch(smollm2_half_gguf: Path)
     assert whole.shape == split.shape == (3, llm.n_vocab())
     assert np.array_equal(whole, split)
     del llm
+
+
+PATCH = """--- a/pkg/code.c
++++ b/pkg/code.c
+@@ -1,2 +1,2 @@
+ int a = 1;
+-int b = 2;
++int b = 3;
+"""
+
+
+def tree(root: Path, b: int) -> Path:
+    (root / "pkg").mkdir(parents=True)
+    (root / "pkg" / "code.c").write_text(f"int a = 1;\nint b = {b};\n")
+    return root
+
+
+@pytest.mark.skipif(shutil.which("patch") is None, reason="needs the patch command")
+def test_patches_apply_or_the_build_stops_naming_the_patch(tmp_path: Path) -> None:
+    script = wheel_script()
+    patch = tmp_path / "fix.patch"
+    patch.write_text(PATCH)
+    src = tree(tmp_path / "good", 2)
+    script.apply_patches(src, [patch])
+    assert (src / "pkg" / "code.c").read_text() == "int a = 1;\nint b = 3;\n"
+    other = tree(tmp_path / "other", 5)  # not the source the patch was written for
+    with pytest.raises(SystemExit) as e:
+        script.apply_patches(other, [patch])
+    assert "fix.patch does not apply" in str(e.value)
+
+
+def test_the_version_gets_the_local_label_or_the_build_stops(tmp_path: Path) -> None:
+    script = wheel_script()
+    init = tmp_path / "llama_cpp" / "__init__.py"
+    init.parent.mkdir()
+    init.write_text(f'from .llama import *\n\n__version__ = "{script.VERSION}"\n')
+    script.label(tmp_path)
+    assert f'__version__ = "{script.VERSION}+{script.LOCAL}"' in init.read_text()
+    with pytest.raises(SystemExit, match="no __version__"):
+        script.label(tmp_path)  # already labelled: not the release's file
+
+
+def test_a_cached_wheel_is_reused_and_changed_patches_change_the_key(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    script = wheel_script()
+    cache = tmp_path / "wheels"
+    wheel = cache / script.key() / f"llama_cpp_python-{script.VERSION}+{script.LOCAL}-x.whl"
+    wheel.parent.mkdir(parents=True)
+    wheel.write_bytes(b"built before")
+    got = subprocess.run([sys.executable, str(SCRIPT), "--cache", str(cache)],
+                         capture_output=True, text=True, check=True)
+    assert got.stdout.strip() == str(wheel)  # nothing downloaded or built
+    patch = tmp_path / "edited.patch"
+    patch.write_text(PATCH)
+    monkeypatch.setattr(script, "PATCHES", [*script.PATCHES, patch])
+    assert script.key() != wheel.parent.name
+
+
+def test_a_new_wheel_removes_the_earlier_ones(tmp_path: Path) -> None:
+    script = wheel_script()
+    keep, old = tmp_path / "new", tmp_path / "old"
+    for d in (keep, old):
+        d.mkdir()
+        (d / "llama_cpp_python.whl").write_bytes(b"w")
+    script.prune(tmp_path, keep)
+    assert [p.name for p in tmp_path.iterdir()] == ["new"]
