@@ -9,8 +9,8 @@ patch that does not apply is an error, never skipped); the version gets the
 local label ``+lanner<N>``, which still satisfies ``llama-cpp-python==0.3.36``,
 so `pip show` tells a patched build from PyPI's. Building takes 5-10 minutes on
 2 cores, so the wheel is kept under ``$XDG_CACHE_HOME/lanner/wheels/``, keyed by
-the sdist and the patches' contents: a change to either builds a new one and
-removes the wheels built before it.
+the sdist, the patches' contents and the CPU it is compiled for (``target``): a
+change to any of them builds a new one and removes the wheels built before it.
 
 Usage: python scripts/llama_cpp_wheel.py [--cache DIR]   (prints the wheel's path)
 """
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -31,7 +32,7 @@ from typing import NoReturn
 
 VERSION = "0.3.36"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
-LOCAL = "lanner2"
+LOCAL = "lanner3"
 """Raised with every change to the patches' effect."""
 PATCHES = sorted((Path(__file__).resolve().parents[1] / "patches").glob(
     f"llama-cpp-python-{VERSION}-*.patch"))
@@ -48,11 +49,29 @@ def cache_dir(given: str | None) -> Path:
     return Path(base) / "lanner" / "wheels"
 
 
-def key() -> str:
-    """What the wheel is built from: the sdist's hash, the label and each patch."""
+def target(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """What the build is compiled for: llama.cpp's CMake builds for the CPU it
+    runs on (-march=native), so a wheel built on one CPU can stop with an
+    illegal instruction on another (a shared home, a VM moved to another host);
+    ``CMAKE_ARGS`` (a CUDA build, say) changes it too."""
+    flags = ""
+    try:
+        with open(cpuinfo) as f:
+            flags = next((line.split(":", 1)[1] for line in f
+                          if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return " ".join([platform.machine(), *sorted(flags.split()),
+                     "CMAKE_ARGS=" + os.environ.get("CMAKE_ARGS", "")])
+
+
+def key(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """What the wheel is built from and for: the sdist's hash, the label, each
+    patch and the ``target``."""
     h = hashlib.sha256(f"{SDIST_SHA256}+{LOCAL}".encode())
     for patch in PATCHES:
         h.update(patch.name.encode() + b"\0" + patch.read_bytes())
+    h.update(b"\0" + target(cpuinfo).encode())
     return h.hexdigest()[:16]
 
 

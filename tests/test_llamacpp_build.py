@@ -31,23 +31,26 @@ def test_the_installed_build_carries_the_patches() -> None:
 
 
 def test_small_batches_give_the_logits_of_a_large_batch(smollm2_half_gguf: Path) -> None:
-    """A 3-token step (the patched one-row tiles) against the same three tokens
-    at the end of one 43-token step (the original tiles): the same logits, bit
-    for bit, so the patch changes how fast a draft is checked, not what it
-    decodes to."""
+    """Steps of 3 and 17 tokens (the patched kernels: one-row tiles, and on
+    AVX2 the activations widened once, tiles of 8 and 6 columns) against the
+    same tokens at the end of one 60-token step (the original tiles): the same
+    logits, bit for bit, so the patches change how fast a draft is checked,
+    not what it decodes to. (From 64 tokens a step takes another attention
+    path, patched or not, so the big step stays under that.)"""
     llm = llama_cpp.Llama(str(smollm2_half_gguf), n_ctx=256, n_batch=256, n_threads=2,
                           logits_all=True, flash_attn=True, verbose=False)
     ids = llm.tokenize(b"The Thames is a river that flows through southern England, "
                        b"including London. At 346 kilometres, it is the longest river "
                        b"entirely in England and the second-longest in the United Kingdom.")
-    ids = (ids * 2)[:43]
+    ids = (ids * 2)[:60]
     llm.eval(ids)
-    whole = np.array(llm.scores[40:43])
+    whole = np.array(llm.scores[40:60])
     llm.reset()
     llm.eval(ids[:40])
-    llm.eval(ids[40:])
-    split = np.array(llm.scores[40:43])
-    assert whole.shape == split.shape == (3, llm.n_vocab())
+    llm.eval(ids[40:43])
+    llm.eval(ids[43:60])
+    split = np.array(llm.scores[40:60])
+    assert whole.shape == split.shape == (20, llm.n_vocab())
     assert np.array_equal(whole, split)
     del llm
 
@@ -106,6 +109,24 @@ def test_a_cached_wheel_is_reused_and_changed_patches_change_the_key(
     patch.write_text(PATCH)
     monkeypatch.setattr(script, "PATCHES", [*script.PATCHES, patch])
     assert script.key() != wheel.parent.name
+
+
+def test_the_key_names_the_cpu_and_cmake_args(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The build is -march=native: a wheel cached on an AVX512 CPU must not be
+    reused on an AVX2 one (it would stop with an illegal instruction)."""
+    script = wheel_script()
+    avx512, avx2 = tmp_path / "avx512", tmp_path / "avx2"
+    avx512.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16\n")
+    avx2.write_text("processor\t: 0\nflags\t\t: fpu sse avx2\n")
+    monkeypatch.delenv("CMAKE_ARGS", raising=False)
+    assert "avx512_bf16" in script.target(str(avx512))
+    assert script.key(str(avx512)) != script.key(str(avx2))
+    assert script.key(str(avx2)) == script.key(str(avx2))
+    monkeypatch.setenv("CMAKE_ARGS", "-DGGML_CUDA=on")
+    cuda = script.key(str(avx2))
+    monkeypatch.delenv("CMAKE_ARGS")
+    assert script.key(str(avx2)) != cuda
 
 
 def test_a_new_wheel_removes_the_earlier_ones(tmp_path: Path) -> None:

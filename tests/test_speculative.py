@@ -301,6 +301,17 @@ def test_drafts_are_sized_by_what_a_step_costs() -> None:
     for seconds in (0.5, 0.010, 0.011, 0.200, 0.009):
         noisy.record(1, seconds)
     assert noisy.cost(1) == pytest.approx(0.0105)
+    slow_two = speculative.StepCosts(16)
+    for n, seconds in ((1, 0.010), (2, 0.025), (3, 0.012), (8, 0.015)):
+        for _ in range(3):
+            slow_two.record(n, seconds)
+    # Two tokens cannot cost more than three: the measured 3 caps the noisy 2,
+    # and an untried 4-7 costs what 3 did, capped by 8.
+    assert slow_two.cost(2) == pytest.approx(0.012)
+    assert slow_two.cost(5) == pytest.approx(0.012)
+    assert slow_two.cost(8) == pytest.approx(0.015)
+    assert slow_two.cost(12) == pytest.approx(0.015)
+    assert slow_two.allocate([[0.9]], 1) == [1]  # at 0.025 for 2 tokens it would not pay
 
 
 def test_no_drafts_while_a_prompt_is_being_decoded(

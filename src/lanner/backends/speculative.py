@@ -241,12 +241,17 @@ class StepCosts:
             self.seconds[n] = statistics.median(self._recent[n])
 
     def cost(self, n: int) -> float | None:
-        """The nearest known cost at or below n (optimistic: an untried size
-        gets tried); None before any step."""
-        for m in range(min(n, len(self.seconds) - 1), 0, -1):
-            if self.seconds[m] is not None:
-                return self.seconds[m]
-        return None
+        """The nearest known cost at or below n, capped by any known cost of a
+        larger step (a step of more tokens does not cost less: a size whose few
+        samples ran slow, say while another process ran, is not shunned for
+        it); optimistic, so an untried size gets tried. None before any step."""
+        top = len(self.seconds) - 1
+        below = next((self.seconds[m] for m in range(min(n, top), 0, -1)
+                      if self.seconds[m] is not None), None)
+        above = [c for c in self.seconds[n + 1:] if c is not None] if n < top else []
+        if below is None or not above:
+            return below
+        return min(below, *above)
 
     def allocate(self, chances: list[list[float]], n_gen: int) -> list[int]:
         """Draft tokens per sequence that maximise expected tokens per second.
