@@ -108,25 +108,63 @@ def test_logprobs_and_stop_strings_are_unchanged(
         [[a.token_id for a in t.top] for t in want.tokens]
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "open (2026-12-01): six streams together differ from each alone, without drafts "
-    "too (plain: code-edit prompt at token 28, this Q4_1 file), and with drafts on "
-    "other prompts from run to run; not yet separated into rounding and a bug"))
-def test_concurrent_greedy_streams_with_drafts_equal_each_alone(
+NEAR_TIE = 0.1
+"""Logprob gap under which two greedy candidates may swap between a one-token
+step and a row of a batch: llama.cpp's batched rows round differently from a
+token decoded alone (measured up to 0.013 on smollm2 F16, 0.055 on BF16,
+0.148 on a Q4_K_M file; docs/architecture.md), by machine and kernel. A bug
+(a sampled row taken from the wrong logits) parts to a token outside the top
+five: tried."""
+
+
+def test_concurrent_greedy_streams_with_drafts_part_from_each_alone_only_at_near_ties(
     plain: LlamaCppBackend, ngram: LlamaCppBackend
 ) -> None:
-    want = {p: [t.id for t in greedy(plain, p, 24).tokens] for p in PROMPTS[:6]}
-    got: dict[str, list[int]] = {}
+    """Streams decoded together against each decoded alone: six at once (rows
+    of shared batches; no drafts while more than ``SPEC_MAX_STREAMS``
+    generate), then in pairs (shared batches with drafts). Together, their
+    tokens go through rows of batches; alone, through one-token steps, which
+    round differently. So a stream may part from its answer alone only where
+    the two candidates were a near tie there (within ``NEAR_TIE`` in the alone
+    run's logprobs); any other parting is a bug (a row reading another
+    sequence's cells, a wrong position, a draft token kept that the sampler
+    did not pick)."""
+    prompts = PROMPTS[:6]
+    want = {p: collect(plain.stream(Request(p, max_tokens=24, temperature=0, top_logprobs=5)))
+            for p in prompts}
 
-    def run(p: str) -> None:
-        got[p] = [t.id for t in greedy(ngram, p, 24).tokens]
+    def together(group: list[str]) -> dict[str, list[int]]:
+        got: dict[str, list[int]] = {}
 
-    threads = [threading.Thread(target=run, args=(p,)) for p in PROMPTS[:6]]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert got == want
+        def run(p: str) -> None:
+            got[p] = [t.id for t in greedy(ngram, p, 24).tokens]
+
+        threads = [threading.Thread(target=run, args=(p,)) for p in group]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return got
+
+    ngram._sched.max_batch_seqs = 0
+    at_once = together(prompts)
+    assert ngram.max_batch_seqs > 1  # they shared steps
+    drafted = ngram.drafted_tokens
+    in_pairs = {p: ids for pair in (prompts[0:2], prompts[2:4], prompts[4:6])
+                for p, ids in together(pair).items()}
+    assert ngram.drafted_tokens > drafted  # pairs draft
+    for got in (at_once, in_pairs):
+        for p, alone in want.items():
+            ids = [t.id for t in alone.tokens]
+            i = next((i for i, (a, b) in enumerate(zip(ids, got[p], strict=False)) if a != b),
+                     None)
+            if i is None:
+                assert len(got[p]) == len(ids), p
+                continue
+            there = {a.token_id: a.logprob for a in alone.tokens[i].top}
+            assert got[p][i] in there, f"{p!r} parts at {i} to a token outside the top 5"
+            gap = there[ids[i]] - there[got[p][i]]
+            assert gap <= NEAR_TIE, f"{p!r} parts at {i}: logprob gap {gap:.3f}"
 
 
 def test_draft_model_is_token_identical(plain: LlamaCppBackend, smollm2_gguf: Path) -> None:
