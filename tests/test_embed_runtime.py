@@ -176,3 +176,24 @@ def test_ingest_flag_picks_the_runtime(onnx_home: Path, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["chunks"] == 1
     assert result.stderr.strip().splitlines()[-1] == "['onnx-int8']"
+
+
+def test_onnx_exports_go_to_the_home_given_not_the_environments(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A library opened with a home, and the server's embeddings model given the
+    engine's home, export into that home's cache, not into $LANNER_HOME's (nor
+    the user's data folder when that is unset)."""
+    from lanner.rag.library import Library
+
+    elsewhere, home = tmp_path / "env-home", tmp_path / "home"
+    monkeypatch.setenv("LANNER_HOME", str(elsewhere))
+    monkeypatch.setenv(embed.RUNTIME_ENV, "onnx")
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "lighthouse.txt").write_text("The lighthouse was built in 1871.\n")
+    with Library.open(home=home) as library:
+        library.ingest([docs], "harbour")
+    assert list((home / "converted" / "onnx").rglob("model.onnx"))
+    vectors, _ = SentenceTransformerEmbedder(home=home).embed(["a lighthouse"])
+    assert len(vectors[0]) == 384
+    assert not (elsewhere / "converted").exists()

@@ -58,21 +58,25 @@ class Embedder(Protocol):
 
 
 def open_embedder(spec: str | None = None, *, batch_size: int = BATCH_SIZE,
-                  device: str | None = None, runtime: str | None = None) -> Embedder:
+                  device: str | None = None, runtime: str | None = None,
+                  home: str | Path | None = None) -> Embedder:
     """The embedder a spec names (None or "" means the bundled model);
     ``runtime`` for a local model (see ``RUNTIMES``; default ``$LANNER_EMBED_RUNTIME``
-    or auto)."""
+    or auto); ``home``: the Lanner home whose cache keeps its ONNX exports
+    (default ``paths.home()``)."""
     if batch_size < 1:
         raise InvalidRequest("batch_size", f"must be at least 1, got {batch_size}")
     if not spec or spec == BUNDLED:
-        return LocalEmbedder(None, batch_size=batch_size, device=device, runtime=runtime)
+        return LocalEmbedder(None, batch_size=batch_size, device=device, runtime=runtime,
+                             home=home)
     if spec.startswith(("http://", "https://")):
         url, _, model = spec.partition("#")
         if not model:
             raise InvalidRequest("embedder", f"{spec!r}: name the model after '#', "
                                  "e.g. http://host:8000/v1#all-MiniLM-L6-v2")
         return RemoteEmbedder(url, model, batch_size=batch_size)
-    return LocalEmbedder(Path(spec), batch_size=batch_size, device=device, runtime=runtime)
+    return LocalEmbedder(Path(spec), batch_size=batch_size, device=device, runtime=runtime,
+                         home=home)
 
 
 def choose_runtime(requested: str | None = None) -> str:
@@ -105,10 +109,12 @@ def cpu_has_vnni() -> bool:
     return "avx512_vnni" in flags or "avx_vnni" in flags
 
 
-def sentence_model(folder: Path, runtime: str, device: str = "cpu") -> Any:
+def sentence_model(folder: Path, runtime: str, device: str = "cpu",
+                   home: str | Path | None = None) -> Any:
     """A loaded sentence-transformers folder on ``runtime`` ("torch", "onnx",
     "onnx-int8"): ``encode``, ``tokenizer``, ``max_seq_length`` as
-    ``SentenceTransformer`` has them. ONNX exports are cached in the Lanner home."""
+    ``SentenceTransformer`` has them. ONNX exports are cached in the Lanner
+    home (``home``, else ``paths.home()``)."""
     if runtime == "torch" or device != "cpu":
         try:
             from sentence_transformers import SentenceTransformer
@@ -125,7 +131,7 @@ def sentence_model(folder: Path, runtime: str, device: str = "cpu") -> Any:
     from lanner.rag.embed_onnx import OnnxSentenceModel
 
     _quiet_transformers()
-    cache = paths.home() / "converted" / "onnx"
+    cache = paths.home(home) / "converted" / "onnx"
     return OnnxSentenceModel(folder, cache, quantized=runtime == "onnx-int8")
 
 
@@ -153,7 +159,8 @@ class LocalEmbedder:
     """
 
     def __init__(self, folder: Path | None = None, *, batch_size: int = BATCH_SIZE,
-                 device: str | None = None, runtime: str | None = None) -> None:
+                 device: str | None = None, runtime: str | None = None,
+                 home: str | Path | None = None) -> None:
         if folder is not None and not (folder / "modules.json").is_file() \
                 and not (folder / "config.json").is_file():
             raise ModelNotFound(f"{folder}: not a sentence-transformers model folder")
@@ -162,6 +169,7 @@ class LocalEmbedder:
         self.batch_size = batch_size
         self.device = device or "cpu"
         self.runtime = "torch" if self.device != "cpu" else choose_runtime(runtime)
+        self.home = home
         self._model: Any = None
         self._lock = threading.Lock()
 
@@ -169,7 +177,7 @@ class LocalEmbedder:
         with self._lock:
             if self._model is None:
                 folder = self.folder or bundled_model_dir()
-                self._model = sentence_model(folder, self.runtime, self.device)
+                self._model = sentence_model(folder, self.runtime, self.device, self.home)
             return self._model
 
     @property

@@ -16,6 +16,7 @@ embedding model takes seconds, searching takes milliseconds.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -41,8 +42,9 @@ class Library:
     @classmethod
     def open(cls, location: str | Path | None = None, *,
              home: str | Path | None = None) -> Library:
-        """The library in ``location`` (see ``open_store``; default: logs.db)."""
-        return cls(open_store(location, home=home))
+        """The library in ``location`` (see ``open_store``; default: logs.db). The
+        embedders it opens keep their ONNX exports in ``home`` too."""
+        return cls(open_store(location, home=home), partial(open_embedder, home=home))
 
     # -- embedders ------------------------------------------------------------------
 

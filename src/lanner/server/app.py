@@ -13,6 +13,7 @@ import importlib.util
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from pathlib import Path
 from types import EllipsisType
 from typing import Any
 
@@ -96,11 +97,12 @@ class RequestCounter:
             self.metrics.count_request(scope["method"], path, status)
 
 
-def default_embedder() -> Embedder | None:
-    """The bundled all-MiniLM-L6-v2 if its package is installed (loads on first use)."""
+def default_embedder(home: Path | None = None) -> Embedder | None:
+    """The bundled all-MiniLM-L6-v2 if its package is installed (loads on first
+    use; ONNX exports cached in ``home``)."""
     if importlib.util.find_spec(BUNDLED_PACKAGE) is None:
         return None
-    return SentenceTransformerEmbedder()
+    return SentenceTransformerEmbedder(home=home)
 
 
 def create_app(
@@ -125,7 +127,7 @@ def create_app(
     executor = ThreadPoolExecutor(max_workers=max_queue, thread_name_prefix="lanner-stream")
     metrics = Metrics()
     state = ServerState(pool, executor, metrics,
-                        default_embedder() if embedder is ... else embedder, api_key,
+                        default_embedder(engine.home) if embedder is ... else embedder, api_key,
                         Documents(engine, store))
 
     @asynccontextmanager

@@ -55,12 +55,13 @@ class SentenceTransformerEmbedder:
     dimensions = 384
 
     def __init__(self, folder: Path | None = None, name: str = MODEL_ID,
-                 runtime: str | None = None) -> None:
+                 runtime: str | None = None, home: Path | None = None) -> None:
         from lanner.rag.embed import choose_runtime
 
         self.folder = folder
         self.name = name
         self.runtime = choose_runtime(runtime)
+        self.home = home  # its ONNX exports' cache (default: paths.home())
         self._model: Any = None
         self._lock = threading.Lock()
         # One batch at a time: torch already uses every core, and a fast
@@ -78,7 +79,7 @@ class SentenceTransformerEmbedder:
                 from lanner.rag.embed import sentence_model
 
                 folder = self.folder or bundled_model_dir()
-                self._model = sentence_model(folder, self.runtime)
+                self._model = sentence_model(folder, self.runtime, home=self.home)
                 size = getattr(self._model, "get_embedding_dimension", None) or \
                     self._model.get_sentence_embedding_dimension
                 self.dimensions = int(size() or 0)
