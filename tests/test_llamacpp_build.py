@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import importlib.metadata
 import importlib.util
 import shutil
@@ -32,11 +33,16 @@ def test_the_installed_build_carries_the_patches() -> None:
 
 def test_small_batches_give_the_logits_of_a_large_batch(smollm2_half_gguf: Path) -> None:
     """Steps of 3 and 17 tokens (the patched kernels: one-row tiles, and on
-    AVX2 the activations widened once, tiles of 8 and 6 columns) against the
-    same tokens at the end of one 60-token step (the original tiles): the same
-    logits, bit for bit, so the patches change how fast a draft is checked,
-    not what it decodes to. (From 64 tokens a step takes another attention
-    path, patched or not, so the big step stays under that.)"""
+    AVX2 the activations widened once, tiles of 8 and 6 columns; attention
+    for a few rows) against the same tokens at the end of one 60-token step
+    (the original tiles): the same logits, bit for bit, so the patches change
+    how fast a draft is checked, not what it decodes to. Where the weights are
+    BF16 (AVX512_BF16 CPUs) they are packed and multiplied the same way for
+    any number of tokens, so decoding one token at a time gives the same bits
+    too. (From 64 tokens a step takes another attention path, patched or not,
+    so the big step stays under that.)"""
+    from lanner.engine.registry import half_type
+
     llm = llama_cpp.Llama(str(smollm2_half_gguf), n_ctx=256, n_batch=256, n_threads=2,
                           logits_all=True, flash_attn=True, verbose=False)
     ids = llm.tokenize(b"The Thames is a river that flows through southern England, "
@@ -52,6 +58,15 @@ def test_small_batches_give_the_logits_of_a_large_batch(smollm2_half_gguf: Path)
     split = np.array(llm.scores[40:60])
     assert whole.shape == split.shape == (20, llm.n_vocab())
     assert np.array_equal(whole, split)
+    llm.reset()
+    llm.eval(ids[:40])
+    for token in ids[40:60]:
+        llm.eval([token])
+    one_by_one = np.array(llm.scores[40:60])
+    if half_type() == "bf16":
+        assert np.array_equal(whole, one_by_one)
+    else:  # F16 weights: one token takes ggml's dot product, a batch tinyBLAS
+        assert np.abs(whole - one_by_one).max() < 1.0
     del llm
 
 
@@ -136,3 +151,98 @@ def test_a_new_wheel_removes_the_earlier_ones(tmp_path: Path) -> None:
         (d / "llama_cpp_python.whl").write_bytes(b"w")
     script.prune(tmp_path, keep)
     assert [p.name for p in tmp_path.iterdir()] == ["new"]
+
+
+# ggml's own flash attention, called through ctypes on the libraries the
+# wheel ships, against float64: the patched path for a few query rows.
+GGML_F32, GGML_F16 = 0, 1
+
+
+class _InitParams(ctypes.Structure):
+    _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p),
+                ("no_alloc", ctypes.c_bool)]
+
+
+def _ggml() -> tuple[ctypes.CDLL, ctypes.CDLL]:
+    lib_dir = Path(llama_cpp.__file__).parent / "lib"
+    base = ctypes.CDLL(str(lib_dir / "libggml-base.so"))
+    cpu = ctypes.CDLL(str(lib_dir / "libggml-cpu.so"))
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    base.ggml_init.argtypes, base.ggml_init.restype = [_InitParams], p
+    base.ggml_free.argtypes = [p]
+    base.ggml_new_tensor_2d.argtypes = [p, ctypes.c_int, i64, i64]
+    base.ggml_new_tensor_2d.restype = p
+    base.ggml_new_tensor_3d.argtypes = [p, ctypes.c_int, i64, i64, i64]
+    base.ggml_new_tensor_3d.restype = p
+    f32 = ctypes.c_float
+    base.ggml_flash_attn_ext.argtypes = [p, p, p, p, p, f32, f32, f32]
+    base.ggml_flash_attn_ext.restype = p
+    base.ggml_new_graph.argtypes, base.ggml_new_graph.restype = [p], p
+    base.ggml_build_forward_expand.argtypes = [p, p]
+    base.ggml_get_data.argtypes, base.ggml_get_data.restype = [p], p
+    cpu.ggml_graph_compute_with_ctx.argtypes = [p, p, ctypes.c_int]
+    cpu.ggml_graph_compute_with_ctx.restype = ctypes.c_int
+    return base, cpu
+
+
+def ggml_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """q [rows, heads, dim] float32; k, v [cells, kv heads, dim] float16;
+    mask [rows, cells] float16."""
+    base, cpu = _ggml()
+    rows, heads, dim = q.shape
+    cells, kv_heads, _ = k.shape
+    ctx = base.ggml_init(_InitParams(64 << 20, None, False))
+    assert ctx
+    try:
+        def tensor(a: np.ndarray, kind: int) -> int:
+            if a.ndim == 3:
+                t = base.ggml_new_tensor_3d(ctx, kind, a.shape[2], a.shape[0], a.shape[1])
+            else:
+                t = base.ggml_new_tensor_2d(ctx, kind, a.shape[1], a.shape[0])
+            data = np.ascontiguousarray(a.transpose(1, 0, 2) if a.ndim == 3 else a)
+            ctypes.memmove(base.ggml_get_data(t), data.ctypes.data, data.nbytes)
+            return t
+        out = base.ggml_flash_attn_ext(ctx, tensor(q, GGML_F32), tensor(k, GGML_F16),
+                                       tensor(v, GGML_F16), tensor(mask, GGML_F16),
+                                       1 / np.sqrt(dim), 0.0, 0.0)
+        graph = base.ggml_new_graph(ctx)
+        base.ggml_build_forward_expand(graph, out)
+        assert cpu.ggml_graph_compute_with_ctx(ctx, graph, 2) == 0
+        result = np.empty((rows, heads, dim), np.float32)
+        ctypes.memmove(result.ctypes.data, base.ggml_get_data(out), result.nbytes)
+        return result
+    finally:
+        base.ggml_free(ctx)
+
+
+def float64_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray,
+                      mask: np.ndarray) -> np.ndarray:
+    group = q.shape[1] // k.shape[1]
+    keys = np.repeat(k.astype(np.float64), group, axis=1)
+    values = np.repeat(v.astype(np.float64), group, axis=1)
+    scores = np.einsum("rhd,chd->rhc", q.astype(np.float64), keys) / np.sqrt(q.shape[2])
+    scores += mask.astype(np.float64)[:, None, :]
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    return np.einsum("rhc,chd->rhd", weights, values)
+
+
+def test_flash_attention_for_a_few_rows_is_float32_exact_and_the_same_in_any_batch() -> None:
+    """SmolLM2's shapes (9 heads sharing 3 KV heads, 64 dims), 300 cells, a
+    causal mask with holes (other sequences' cells). The patched path sums in
+    F32 (llama.cpp's own one summed V in F16: errors near 1e-3), and a row
+    gives the same bits alone, in 3 rows or in 17."""
+    rng = np.random.default_rng(7)
+    cells, rows = 300, 17
+    k = rng.standard_normal((cells, 3, 64)).astype(np.float16)
+    v = rng.standard_normal((cells, 3, 64)).astype(np.float16)
+    q = rng.standard_normal((rows, 9, 64)).astype(np.float32)
+    mask = np.zeros((rows, cells), np.float16)
+    for r in range(rows):
+        mask[r, cells - rows + r + 1:] = -np.inf
+    mask[::2, 5::7] = -np.inf
+    got = {n: ggml_attention(q[:n], k, v, mask[:n]) for n in (1, 3, rows)}
+    want = float64_attention(q, k, v, mask)
+    assert np.abs(got[rows] - want).max() < 1e-5
+    assert np.array_equal(got[rows][:3], got[3])
+    assert np.array_equal(got[rows][:1], got[1])
