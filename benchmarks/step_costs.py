@@ -1,15 +1,18 @@
 """What a llama.cpp step of n tokens costs on this machine, and how far a
 token's logits in a batched step are from the same token decoded alone: the
 two numbers that bound speculative decoding (each draft token adds a row to a
-step; a row of a batch is not bit-identical to a one-token step).
+step; a row of a batch may round differently from a one-token step; with
+BF16 weights packed (AVX512_BF16 CPUs) it does not).
 
-For each GGUF file: one sequence with a 60-token context, then a step of n
-tokens (n = 1, 2, 3, 4, 6, 8, 12, 16) repeated (median of --repeats), its
-cost against n = 1; and the largest logit difference between a 30-token
-prompt decoded in one batch and the same tokens decoded one at a time.
+For each GGUF file: one sequence with a 60-token context (--context: the
+cells each row attends to), then a step of n tokens (n = 1, 2, 3, 4, 6, 8,
+12, 16) repeated (median of --repeats), its cost against n = 1; and the
+largest logit difference between a 30-token prompt decoded in one batch and
+the same tokens decoded one at a time.
 Plain llama-cpp-python (no Lanner code), the same thread count as Lanner.
 
 Usage: python benchmarks/step_costs.py [--models smollm2 smollm2-q4_1 ...] [--repeats 15]
+                                       [--context 60]
 """
 
 from __future__ import annotations
@@ -44,11 +47,11 @@ def gguf_of(engine: Engine, name: str) -> Path | None:
     return path
 
 
-def costs(path: Path, repeats: int) -> dict[int, float]:
-    llm = llama_cpp.Llama(str(path), n_ctx=1024, n_batch=512, n_threads=os.cpu_count() or 1,
+def costs(path: Path, repeats: int, context_length: int = 60) -> dict[int, float]:
+    llm = llama_cpp.Llama(str(path), n_ctx=4096, n_batch=512, n_threads=os.cpu_count() or 1,
                           logits_all=True, flash_attn=True, verbose=False)
     tokens = llm.tokenize(TEXT)
-    context = (tokens * 3)[:60]
+    context = (tokens * (context_length // len(tokens) + 1))[:context_length]
     llm.eval(context)
     memory = llama_cpp.llama_get_memory(llm.ctx)
     seconds: dict[int, list[float]] = {n: [] for n in SIZES}
@@ -79,6 +82,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["smollm2", "smollm2-q4_1"])
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--context", type=int, default=60,
+                        help="tokens already in the cache before each step")
     args = parser.parse_args()
     engine = Engine()
     print(llama_cpp.llama_print_system_info().decode().strip())
@@ -86,9 +91,9 @@ def main() -> int:
         path = gguf_of(engine, name)
         if path is None:
             continue
-        got = costs(path, args.repeats)
+        got = costs(path, args.repeats, args.context)
         line = "  ".join(f"{n}: {got[n] * 1000:.1f} ms ({got[n] / got[1]:.2f}x)" for n in SIZES)
-        print(f"{name} ({path.name})\n  step of n tokens: {line}")
+        print(f"{name} ({path.name}), {args.context} tokens of context\n  step of n tokens: {line}")
         print(f"  largest logit difference, batched against one at a time: "
               f"{rounding(path):.4f}", flush=True)
     return 0
