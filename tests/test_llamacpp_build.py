@@ -227,11 +227,14 @@ def float64_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray,
     return np.einsum("rhc,chd->rhd", weights, values)
 
 
-def test_flash_attention_for_a_few_rows_is_float32_exact_and_the_same_in_any_batch() -> None:
+def test_flash_attention_for_a_few_rows_is_float32_exact_the_same_in_any_batch_and_any_layout(
+) -> None:
     """SmolLM2's shapes (9 heads sharing 3 KV heads, 64 dims), 300 cells, a
     causal mask with holes (other sequences' cells). The patched path sums in
-    F32 (llama.cpp's own one summed V in F16: errors near 1e-3), and a row
-    gives the same bits alone, in 3 rows or in 17."""
+    F32 (llama.cpp's own one summed V in F16: errors near 1e-3); a row gives
+    the same bits alone, in 3 rows or in 17; and where its cells lie in the
+    cache changes nothing (a sequence decoded beside others, whose cells
+    interleave with its own, gets what it gets alone)."""
     rng = np.random.default_rng(7)
     cells, rows = 300, 17
     k = rng.standard_normal((cells, 3, 64)).astype(np.float16)
@@ -246,3 +249,12 @@ def test_flash_attention_for_a_few_rows_is_float32_exact_and_the_same_in_any_bat
     assert np.abs(got[rows] - want).max() < 1e-5
     assert np.array_equal(got[rows][:3], got[3])
     assert np.array_equal(got[rows][:1], got[1])
+    # the same cells spread among 211 others that these rows do not see
+    total = cells + 211
+    where = np.sort(rng.choice(total, cells, replace=False))
+    k2 = rng.standard_normal((total, 3, 64)).astype(np.float16)
+    v2 = rng.standard_normal((total, 3, 64)).astype(np.float16)
+    k2[where], v2[where] = k, v
+    mask2 = np.full((rows, total), -np.inf, np.float16)
+    mask2[:, where] = mask
+    assert np.array_equal(ggml_attention(q, k2, v2, mask2), got[rows])
