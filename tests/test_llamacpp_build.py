@@ -39,8 +39,7 @@ def test_small_batches_give_the_logits_of_a_large_batch(smollm2_half_gguf: Path)
     how fast a draft is checked, not what it decodes to. Where the weights are
     BF16 (AVX512_BF16 CPUs) they are packed and multiplied the same way for
     any number of tokens, so decoding one token at a time gives the same bits
-    too. (From 64 tokens a step takes another attention path, patched or not,
-    so the big step stays under that.)"""
+    too."""
     from lanner.engine.registry import half_type
 
     llm = llama_cpp.Llama(str(smollm2_half_gguf), n_ctx=256, n_batch=256, n_threads=2,
@@ -232,7 +231,7 @@ def test_flash_attention_for_a_few_rows_is_float32_exact_the_same_in_any_batch_a
     """SmolLM2's shapes (9 heads sharing 3 KV heads, 64 dims), 300 cells, a
     causal mask with holes (other sequences' cells). The patched path sums in
     F32 (llama.cpp's own one summed V in F16: errors near 1e-3); a row gives
-    the same bits alone, in 3 rows or in 17; and where its cells lie in the
+    the same bits alone, in 3 rows, in 17 or in 80; and where its cells lie in the
     cache changes nothing (a sequence decoded beside others, whose cells
     interleave with its own, gets what it gets alone)."""
     rng = np.random.default_rng(7)
@@ -247,6 +246,14 @@ def test_flash_attention_for_a_few_rows_is_float32_exact_the_same_in_any_batch_a
     got = {n: ggml_attention(q[:n], k, v, mask[:n]) for n in (1, 3, rows)}
     want = float64_attention(q, k, v, mask)
     assert np.abs(got[rows] - want).max() < 1e-5
+    # a prompt's worth of rows (llama.cpp's tiled path summed tiles of 64 cells)
+    many = rng.standard_normal((80, 9, 64)).astype(np.float32)
+    many[:rows] = q
+    causal = np.zeros((80, cells), np.float16)
+    for r in range(80):
+        causal[r, cells - 80 + r + 1:] = -np.inf
+    causal[:rows] = mask
+    assert np.array_equal(ggml_attention(many, k, v, causal)[:rows], got[rows])
     assert np.array_equal(got[rows][:3], got[3])
     assert np.array_equal(got[rows][:1], got[1])
     # the same cells spread among 211 others that these rows do not see
