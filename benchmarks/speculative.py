@@ -98,6 +98,8 @@ largest batched-against-alone difference measured (``rounding``)."""
 COPY_RUN = 4
 """Answer tokens inside a run of this many that also occurs in the prompt count as copied."""
 
+SAVE: list[Path] = []
+"""Where --save writes the answers and step costs."""
 STEPS: dict[int, int] = {}
 """llama_decode calls per model: steps taken, whatever the machine's load."""
 
@@ -221,6 +223,10 @@ def single_stream(models: dict[str, Model], n: int, repeats: int) -> bool:
           + (f" (apart from {ties} near tie(s) settled by rounding)" if ties else ""),
           flush=True)
     bounds(models["ngram"], ratios)
+    if SAVE:
+        SAVE[0].write_text(json.dumps({
+            "answers": ANSWERS, "ratios": ratios,
+            "step_seconds": models["ngram"].backend.step_seconds}))  # type: ignore[attr-defined]
     return same
 
 
@@ -392,9 +398,14 @@ def main() -> int:
     parser.add_argument("--skip-serve", action="store_true")
     parser.add_argument("--skip-single", action="store_true",
                         help="only the concurrent streams through lanner serve")
+    parser.add_argument("--save", type=Path, metavar="FILE",
+                        help="write the plain answers and the step costs the scheduler "
+                             "measured as JSON (to replay drafting policies offline)")
     parser.add_argument("--quick", action="store_true",
                         help="64 tokens, one repeat, one serving round")
     args = parser.parse_args()
+    if args.save:
+        SAVE.append(args.save)
     if args.quick:
         args.tokens, args.repeats, args.rounds = 64, 1, 1
     same: bool | None = True

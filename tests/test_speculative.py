@@ -254,7 +254,7 @@ def test_sampled_speculative_output_keeps_the_plain_distribution(
 # -- the pieces ------------------------------------------------------------------
 
 
-def test_ngram_lookup_proposes_what_followed_the_latest_match() -> None:
+def test_ngram_lookup_proposes_what_followed_a_match() -> None:
     index = speculative.NgramIndex([1, 2, 3, 4, 5, 9, 2, 3])
     assert index.propose(3) == ([4, 5, 9], 2)  # "2 3" came before, then 4 5 9
     index = speculative.NgramIndex([1, 2, 3, 4, 0, 2, 3, 5, 1, 2, 3])
@@ -273,6 +273,28 @@ def test_ngram_lookup_proposes_what_followed_the_latest_match() -> None:
     # The match length runs back past the n-gram: 5 tokens agree before "8 9".
     index = speculative.NgramIndex([0, 4, 5, 6, 7, 1, 2, 8, 9, 3, 5, 6, 7, 1, 2])
     assert index.propose(2) == ([8, 9], 5)
+
+
+def test_ngram_lookup_goes_on_where_the_copy_left_off() -> None:
+    """A list in the prompt, each item after the separator "8 9": an answer
+    that rewrites it item by item is drafted from the first item on, then from
+    the item after the one it copied last, not from the latest "8 9"."""
+    prompt = [8, 9, 1, 2, 3, 8, 9, 4, 5, 8, 9, 6, 7]
+    index = speculative.NgramIndex(list(prompt))
+    for token in (0, 8, 9):
+        index.append(token)
+    assert index.propose(3) == ([1, 2, 3], 2)  # no copy yet: the first occurrence in the prompt
+    index.accepted(3)  # the model wrote 1 2 3, then its own 10 instead of the separator
+    for token in (1, 2, 3, 10, 8, 9):
+        index.append(token)
+    assert index.propose(2) == ([4, 5], 2)  # the next item, though "8 9" occurred since
+    index.accepted(0)  # a miss moves nothing
+    assert index.propose(2) == ([4, 5], 2)
+    # Without any copy and no occurrence in the prompt, the latest is taken.
+    tail = speculative.NgramIndex([0])
+    for token in (1, 2, 3, 1, 2, 4, 1, 2):
+        tail.append(token)
+    assert tail.propose(1) == ([4], 2)
 
 
 def test_longer_matches_are_trusted_more() -> None:

@@ -278,6 +278,11 @@ class Scheduler:
                     job.cut()
             self._reap()
             return
+        # Only steps of generating sequences (each its next token and a draft)
+        # teach the step costs: a prompt chunk outputs one row, unsampled, and
+        # is cheaper than a draft of as many tokens (a 19-token prompt tail
+        # measured below a 16-token draft made every shorter draft look cheap).
+        drafting = all(n == 1 + len(job.draft) for job, _, n, _ in plan)
         try:
             self._decode(len(plan))
         except LannerError as e:
@@ -295,7 +300,8 @@ class Scheduler:
             self._settle(job, slot)
         # The whole step (drafting, decoding, every row's sample and its text
         # handed on): what a step of this size costs a client, overheads included.
-        self.step_costs.record(self._batch.n, time.perf_counter() - began)
+        if drafting:
+            self.step_costs.record(self._batch.n, time.perf_counter() - began)
         self._reap()
 
     def _settle(self, job: Job, slot: Slot) -> None:

@@ -10,9 +10,11 @@ fully accepted draft the last row gives one more token for free.
 
 Drafters (``--speculative``):
 
-- ``ngram`` (prompt lookup): the tokens that followed the latest earlier
-  occurrence of the sequence's last 3 or 2 tokens, in the prompt or the text
-  so far. Costs nothing to propose; wins when the answer quotes its input.
+- ``ngram`` (prompt lookup): the tokens that followed an earlier occurrence
+  of the sequence's last 3 or 2 tokens, in the prompt or the text so far
+  (where the latest accepted copy left off, else the first in the prompt,
+  else the latest: ``NgramIndex``). Costs nothing to propose; wins when the
+  answer quotes its input.
   A match that runs into the text's end is copied on as a repeat (a list's
   recurring pattern, a model stuck in a loop: the next rounds are drafted
   whole; replayed on the benchmark's answers, accepted tokens per open-ended
@@ -33,6 +35,7 @@ seed it draws the same numbers in the same order).
 
 from __future__ import annotations
 
+import bisect
 import statistics
 from collections import deque
 from dataclasses import dataclass
@@ -96,16 +99,29 @@ def parse(value: str) -> tuple[str, str | None]:
 
 
 class NgramIndex:
-    """Where each short n-gram of a growing token list last occurred.
+    """Where each short n-gram of a growing token list occurred, and where the
+    latest accepted copy left off in its source.
 
-    ``index[ngram]`` is the position just after its latest occurrence that has a
-    token after it, so a lookup of the list's own suffix finds an earlier place.
+    ``ends[ngram]`` lists the positions just after its occurrences that have a
+    token after them, in order, so a lookup of the list's own suffix finds
+    earlier places. Of several, the draft comes from the first one at or after
+    ``source`` (a copy goes on where it left off: a quoted passage, a list
+    rewritten item by item, a function returned with one line changed), else
+    from the first one in the prompt (a copy starts at its beginning), else
+    from the latest. Replayed on the benchmark's grounded answers (an oracle
+    that knows each draft's outcome): taking the latest occurrence reached
+    1.70x, this 1.81x, the best occurrence at every step 1.89x.
     """
 
     def __init__(self, tokens: list[int]) -> None:
         self.tokens = tokens
-        self._index: dict[tuple[int, ...], int] = {}
+        self.n_prompt = len(tokens)
+        """Tokens there at the start: the prompt."""
+        self.source: int | None = None
+        """Where the latest accepted copy's next source token is (None: no copy yet)."""
+        self._ends: dict[tuple[int, ...], list[int]] = {}
         self._done = 0
+        self._last_end: int | None = None
         self._update()
 
     def append(self, token: int) -> None:
@@ -117,11 +133,13 @@ class NgramIndex:
         before them match the list's end (up to ``MATCH_MAX``)."""
         self._update()
         t = self.tokens
+        self._last_end = None
         for n in NGRAM_SIZES:
             if len(t) < n:
                 continue
-            end = self._index.get(tuple(t[-n:]))
-            if end is not None:
+            ends = self._ends.get(tuple(t[-n:]))
+            if ends:
+                end = self._choose(ends)
                 length = n
                 while (length < MATCH_MAX and end - 1 - length >= 0
                        and t[end - 1 - length] == t[-1 - length]):
@@ -130,15 +148,28 @@ class NgramIndex:
                 period = len(t) - end  # how far back the match is
                 while len(draft) < k:  # it runs into the end: the text repeats every `period`
                     draft.append(draft[len(draft) - period])
+                self._last_end = end
                 return draft, length
         return [], 0
+
+    def accepted(self, n: int) -> None:
+        """The latest draft's first ``n`` tokens were right: its copy goes on there."""
+        if n > 0 and self._last_end is not None:
+            self.source = self._last_end + n
+
+    def _choose(self, ends: list[int]) -> int:
+        if self.source is not None:
+            at = bisect.bisect_left(ends, self.source)
+            if at < len(ends):
+                return ends[at]
+        return ends[0] if ends[0] < self.n_prompt else ends[-1]
 
     def _update(self) -> None:
         t = self.tokens
         for end in range(max(self._done, 1), len(t)):  # n-grams ending before t[end]
             for n in NGRAM_SIZES:
                 if end >= n:
-                    self._index[tuple(t[end - n:end])] = end
+                    self._ends.setdefault(tuple(t[end - n:end]), []).append(end)
         self._done = max(self._done, len(t))
 
 
@@ -208,6 +239,8 @@ class SpecState:
             self._checked[b] += 1
             self.stats.kept[b] += kept
             self.stats.checked[b] += 1
+        if self.ngrams is not None:
+            self.ngrams.accepted(accepted)
         self.drafted += drafted
         self.accepted += accepted
         self.trials += accepted + (accepted < drafted)
