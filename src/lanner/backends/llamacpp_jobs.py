@@ -179,6 +179,12 @@ class GenJob(Job):
         self.limit = limit
         """Most tokens to generate: max_tokens, or what is left of the context."""
         self.chain: Any = sampler_chain(request, vocab.n_vocab)
+        self.argmax = request.greedy and (request.repetition_penalty, request.frequency_penalty,
+                                          request.presence_penalty) == (1.0, 0.0, 0.0)
+        """The chain is llama.cpp's greedy sampler alone: the first highest logit,
+        taken here without the chain (which copies every logit into a candidate
+        array: 81 us a row for smollm2's 49,152 tokens, 249 us for Qwen's
+        151,936, against 15 and 25 us)."""
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.buffer = StopBuffer(request.stop)
         self.n_generated = 0
@@ -249,7 +255,10 @@ class GenJob(Job):
         if self.matcher is not None:
             # The sampler chain reads llama.cpp's logits buffer: mask it in place.
             self.matcher.mask_logits(logits_row(ctx, index, self.vocab.n_vocab))
-        token_id: int = llama_cpp.llama_sampler_sample(self.chain, ctx, index)
+        if self.argmax:
+            token_id = int(np.argmax(logits_row(ctx, index, self.vocab.n_vocab)))
+        else:
+            token_id = llama_cpp.llama_sampler_sample(self.chain, ctx, index)
         if self.matcher is not None and not self.vocab.is_eog(token_id):
             try:
                 self.matcher.accept(token_id)
