@@ -286,6 +286,8 @@ def replay(prompt: list[int], answer: list[int], cost: Callable[[int], float],
             fed = max(range(kept + 1), key=lambda d: (d + 1) / cost(d + 1))
         seconds += cost(1 + fed)
         step = min(kept, fed) + 1
+        if fed:
+            index.accepted(step - 1)  # where the copy goes on, as the drafter tracks it
         for token in answer[i:i + step]:
             index.append(token)
         i += step

@@ -46,8 +46,15 @@ DEFAULT_MAX_CTX = 8192
 
 KV_LAYOUTS = ("unified", "split", "auto")
 DEFAULT_SPECULATIVE = "off"
-"""Chosen by benchmarks/speculative.py (docs/benchmarks.md): on the bundled model
-n-gram drafts do not pay enough yet (grounded 1.2-1.3x, 8 streams 0.90-0.94x)."""
+"""Chosen by benchmarks/speculative.py and benchmarks/startup.py (docs/benchmarks.md).
+N-gram drafts now pay on one stream of the bundled model (grounded 1.5-1.67x,
+open-ended 1.2-1.3x on an AVX2 VM), but not yet everywhere a default reaches:
+a one-shot `lanner run` pays for learning what steps cost (0.76x a plain
+script on the Q4_1 file when `ngram` was the default); quantised files whose
+batched steps cost 1.6-3x a one-token step gain little (Qwen2.5-Coder Q4_K_M:
+open-ended 0.98x); and except with packed BF16 weights a batched row rounds
+apart from a one-token step, so greedy text may part from plain decoding at a
+near tie."""
 
 # Extra keyword options and their defaults.
 _OPTIONS: dict[str, int | bool | str] = {
