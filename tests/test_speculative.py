@@ -408,6 +408,19 @@ def test_no_drafts_while_a_prompt_is_being_decoded(
     assert drafted  # it did draft, when nothing else was decoding
 
 
+def test_only_generating_steps_teach_the_step_costs(tinycoder_gguf: Path) -> None:
+    """Prompt chunks (one unsampled output row) would make drafts of their size
+    look cheap: the step costs hold only the sizes that generating steps took."""
+    with LlamaCppBackend(tinycoder_gguf, n_ctx=1024, n_batch=16, n_ubatch=16,
+                         speculative="off") as backend:
+        for first in (100, 200, 300):  # prompts of 16 + 16 + 7 tokens, then 1-token steps
+            out = collect(backend.stream(Request(list(range(first, first + 39)), max_tokens=6,
+                                                 temperature=0)))
+            assert out.finish is not None
+        assert backend.decode_calls > 3 * 3  # the prompts' chunks, and generating steps
+        assert set(backend.step_seconds) == {1}
+
+
 def test_parse() -> None:
     assert speculative.parse("ngram") == ("ngram", None)
     assert speculative.parse("draft:smollm2-q4_1") == ("draft", "smollm2-q4_1")
