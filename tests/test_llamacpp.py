@@ -144,6 +144,27 @@ def test_greedy_chat_is_token_identical_to_llama_cpp_python(
     assert_greedy_chat_identical(smol, reference)
 
 
+def test_greedy_rows_skip_the_sampler_chain(smol: LlamaCppBackend,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A greedy request without penalties takes the first highest logit itself
+    (the chain would copy every logit first); with a penalty the chain samples.
+    The same tokens either way: the reference test above checks them."""
+    calls = [0]
+    sample = llama_cpp.llama_sampler_sample
+
+    def counting(*args: Any) -> int:
+        calls[0] += 1
+        return int(sample(*args))
+
+    monkeypatch.setattr(llama_cpp, "llama_sampler_sample", counting)
+    ids = chat_ids(smol, QUESTIONS[0])
+    greedy = collect(smol.stream(Request(ids, max_tokens=8, temperature=0)))
+    assert greedy.tokens and calls[0] == 0
+    penalised = collect(smol.stream(Request(ids, max_tokens=8, temperature=0,
+                                            repetition_penalty=1.3)))
+    assert calls[0] == len(penalised.tokens) + (penalised.finish.reason == "stop")
+
+
 def test_without_flash_attention_matches_a_default_llama(smollm2_gguf: Path) -> None:
     """llama-cpp-python's Llama defaults to the other attention kernel; with
     flash_attn=False we match a default-constructed Llama token for token."""

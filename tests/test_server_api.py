@@ -583,7 +583,7 @@ def test_real_embeddings_unit_vectors_and_exact_tokens(
     assert cos(vectors[0], vectors[1]) > cos(vectors[0], vectors[2]) + 0.2
     from transformers import AutoTokenizer
 
-    from lanner.server.embedder import bundled_model_dir
+    from lanner.rag.embed import bundled_model_dir
 
     tokenizer = AutoTokenizer.from_pretrained(str(bundled_model_dir()))
     assert result.usage.prompt_tokens == sum(len(tokenizer(t)["input_ids"]) for t in texts)

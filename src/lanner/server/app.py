@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lanner import __version__
 from lanner.engine.engine import Engine
+from lanner.rag.embed import BUNDLED_PACKAGE
 from lanner.server import (
     errors,
     routes_adapters,
@@ -35,7 +36,7 @@ from lanner.server import (
     routes_ui,
 )
 from lanner.server.documents import Documents
-from lanner.server.embedder import BUNDLED_PACKAGE, Embedder, SentenceTransformerEmbedder
+from lanner.server.embedder import Embedder, SentenceTransformerEmbedder
 from lanner.server.metrics import Metrics, esc
 from lanner.server.pool import ModelPool
 from lanner.server.protocol import ErrorResponse

@@ -16,9 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from lanner.errors import InvalidRequest
-from lanner.rag.embed import BUNDLED_PACKAGE, bundled_model_dir
-
-__all__ = ["BUNDLED_PACKAGE", "Embedder", "SentenceTransformerEmbedder", "bundled_model_dir"]
+from lanner.rag.embed import bundled_model_dir
 
 MODEL_ID = "all-MiniLM-L6-v2"
 
