@@ -30,7 +30,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from lanner.backends import conversion_cache, gguf_convert, hf_sampling
+from lanner.backends import conversion_cache, gguf_convert, hf_kernels, hf_sampling, hf_weights
 from lanner.backends.base import Backend
 from lanner.backends.hf_run import IncrementalDetokenizer
 from lanner.backends.transformers import TransformersBackend
@@ -216,20 +216,21 @@ def test_bfloat16_weights_are_not_packed_twice_without_room(
         llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The oneDNN-packed copy doubles the linear weights' memory: it is made
     only while it takes at most half of what the system has available."""
-    from lanner.backends import hf_weights
 
     model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.bfloat16).eval()
     linear_bytes = sum(m.weight.numel() * 2 for m in model.modules()
                        if type(m) is torch.nn.Linear)
+    # Without oneDNN bfloat16, AVX2 CPUs take the exact kernel, which needs no copy.
+    unpacked = "bf16-kernel" if hf_kernels.bf16_linear() is not None else None
     monkeypatch.setattr(hf_weights, "available_memory", lambda: 2 * linear_bytes - 2)
-    assert hf_weights.prepare(model) is None
+    assert hf_weights.prepare(model) == unpacked
     assert not any(hasattr(m, "packed_weight") for m in model.modules())
     if torch.ops.mkldnn._is_mkldnn_bf16_supported():
         monkeypatch.setattr(hf_weights, "available_memory", lambda: 2 * linear_bytes)
         assert hf_weights.prepare(model) == "onednn-packed"
     monkeypatch.setattr(hf_weights, "available_memory", lambda: None)
     assert hf_weights.prepare(AutoModelForCausalLM.from_pretrained(
-        llama_dir, dtype=torch.bfloat16).eval()) is None
+        llama_dir, dtype=torch.bfloat16).eval()) == unpacked
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -260,8 +261,13 @@ def test_cpu_weight_layouts_keep_the_model_s_logits(llama_dir: Path, dtype: str)
         tolerance = {"rtol": 1e-5, "atol": 1e-5}
     else:
         bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-        assert backend.weight_layout == ("onednn-packed" if bf16 else None)
+        kernel = hf_kernels.bf16_linear() is not None  # AVX2 without oneDNN bfloat16
+        assert backend.weight_layout == ("onednn-packed" if bf16 else
+                                         "bf16-kernel" if kernel else None)
         assert all(hasattr(m, "packed_weight") == bf16 for m in linears)
+        on_kernel = [getattr(m.forward, "__func__", None) is hf_weights._kernel_forward
+                     for m in linears]
+        assert all(k == kernel for k in on_kernel)
         for layer in backend.model.model.layers:  # and q/k/v, gate/up stacked, one copy each
             assert hasattr(layer.self_attn, "qkv_packed") == bf16
             assert hasattr(layer.mlp, "gate_up_packed") == bf16

@@ -33,6 +33,9 @@ shapes, one thread:
   one stacked packed copy each (``qkv_packed``, ``gate_up_packed``), which
   ``hf_decode`` multiplies once (the modules keep their own copies for
   prompt passes and adapters).
+- bfloat16 where oneDNN has no bfloat16 path (AVX2 CPUs): each module gets a
+  ``forward`` through ``hf_kernels.bf16_linear``, PyTorch's own sums bit for
+  bit, faster (one token's products ~1.3x, a prompt's ~4x); no extra memory.
 
 Prompt passes (many tokens at once) run at the same speed either way. Modules
 keep their ``weight``: peft adapters wrap a module and call it, so LoRA still
@@ -45,6 +48,8 @@ import os
 from typing import Any
 
 import torch
+
+from lanner.backends import hf_kernels
 
 
 def available_memory() -> int | None:
@@ -65,9 +70,8 @@ def available_memory() -> int | None:
 def prepare(model: Any) -> str | None:
     """Lay out every plain ``nn.Linear`` of a CPU model for fast decode steps;
     the layout used ("column-major", "column-major+onednn-rows",
-    "onednn-packed") or None (left as loaded:
-    another device or dtype, no oneDNN bfloat16 on this CPU, or no room for
-    the packed copy)."""
+    "onednn-packed", "bf16-kernel") or None (left as loaded: another device or
+    dtype, no room for the packed copy, or no bfloat16 path but PyTorch's)."""
     weight = model.get_input_embeddings().weight
     if weight.device.type != "cpu":
         return None
@@ -103,6 +107,12 @@ def prepare(model: Any) -> str | None:
             module.packed_weight = _reorder(module.weight.detach(), 1)
             module.forward = _packed_forward.__get__(module)  # type: ignore[method-assign]
         return "onednn-packed"
+    if weight.dtype == torch.bfloat16 and hf_kernels.bf16_linear() is not None:
+        covered = [m for m in linears if m.bias is None and m.in_features % 16 == 0
+                   and m.weight.dtype == torch.bfloat16 and m.weight.is_contiguous()]
+        for module in covered:
+            module.forward = _kernel_forward.__get__(module)  # type: ignore[method-assign]
+        return "bf16-kernel" if covered else None
     return None
 
 
@@ -184,3 +194,11 @@ def _packed_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.linear(x, self.weight, self.bias)  # oneDNN's op has no backward
     bias = None if self.bias is None else self.bias.detach()
     return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, bias, "none", [], "")
+
+
+def _kernel_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    linear = hf_kernels.bf16_linear()
+    if (linear is None or x.dtype != torch.bfloat16 or not self.weight.is_contiguous()
+            or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
+        return torch.nn.functional.linear(x, self.weight, self.bias)  # the kernel has no backward
+    return linear(x, self.weight)
