@@ -176,6 +176,50 @@ def test_lean_decode_step_equals_the_model_s_forward_bit_for_bit(llama_dir: Path
     backend.close()
 
 
+@pytest.mark.slow
+def test_lean_decode_runs_adapters_through_their_modules(
+        llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a LoRA adapter loaded, one-token passes still take
+    ``hf_decode.decode_step``: through the modules peft wraps (not the
+    stacked copies of the base weights), so its logits are the model's own
+    forward's with the adapter on, bit for bit, and the base's with it off."""
+    adapter = train_adapter(tmp_path / "blue", llama_dir, max_steps=15)
+    backend = TransformersBackend(llama_dir, adapter=adapter)
+    assert backend._lean_decode and backend._adapter == "adapter"
+    model = backend.model
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]
+    last = torch.tensor([[ids[-1]] for ids in prompts])  # (3, 1)
+    positions = torch.tensor([[len(ids) - 1] for ids in prompts])
+    mask = causal_mask(positions, 7, model.dtype)
+    results = {}
+    for name in ("adapter", None):
+        cache = SlotCache()
+        for row, ids in enumerate(prompts):
+            backend._forward_rows(name, cache, [row], torch.tensor([ids[:-1]]),
+                                  torch.arange(len(ids) - 1)[None], len(ids) - 1)
+        with torch.inference_mode(), backend._adapters.use(name):
+            cache.bind([0, 1, 2], positions, 7)
+            lean = hf_decode.decode_step(model, last, positions, cache, mask, modules_only=True)
+            cache.bind([0, 1, 2], positions, 7)
+            own = model(input_ids=last, position_ids=positions, attention_mask=mask,
+                        **{backend._cache_kwarg: cache}, use_cache=True).logits[:, -1].float()
+        assert torch.equal(lean, own), name
+        results[name] = lean
+    assert not torch.allclose(results["adapter"], results[None], atol=1e-3)  # it does something
+    steps: list[bool] = []
+    real = hf_decode.decode_step
+
+    def spy(*args: object, **kwargs: object) -> torch.Tensor:
+        steps.append(bool(kwargs.get("modules_only")))
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(hf_decode, "decode_step", spy)
+    ids = chat_ids(backend, QUESTIONS[0])
+    greedy(backend, ids)
+    assert steps and all(steps)  # every one-token pass of the adapter's request
+    backend.close()
+
+
 def test_lean_decode_only_for_llama_layers(falcon_dir: Path) -> None:
     backend = TransformersBackend(falcon_dir)
     assert not backend._lean_decode and not hf_decode.supports(backend.model)

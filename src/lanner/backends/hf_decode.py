@@ -15,8 +15,10 @@ differs from that in the last bit, enough to flip near-ties (4 of 5 prompts
 parted from ``generate`` within 128 greedy tokens on SmolLM2 before this).
 
 Only for model types whose decoder layer is exactly Llama's (``SUPPORTED``,
-a look-up by ``config.model_type``); prompt passes and adapters keep the
-model's own forward.
+a look-up by ``config.model_type``); prompt passes keep the model's own
+forward. With LoRA adapters loaded (``modules_only``) every product goes
+through the modules themselves, which peft wraps, never through
+``hf_weights``' stacked or packed copies of the base weights.
 """
 
 from __future__ import annotations
@@ -42,15 +44,16 @@ def supports(model: Any) -> bool:
 
 
 def decode_step(model: Any, ids: torch.Tensor, positions: torch.Tensor, cache: SlotCache,
-                mask: torch.Tensor | None) -> torch.Tensor:
+                mask: torch.Tensor | None, *, modules_only: bool = False) -> torch.Tensor:
     """Float32 logits (B, V) of ``ids`` (B, 1) at ``positions`` (B, 1); the
     cache is bound to the rows already; ``mask`` (B, 1, 1, kv_len) is additive,
     None when every row sees all ``kv_len`` columns (rows of one length: then
     attention runs as in ``generate``'s steps, mask-free, and in bfloat16 its
-    outputs equal generate's where the masked kernel's differ in the last bit)."""
+    outputs equal generate's where the masked kernel's differ in the last bit).
+    ``modules_only``: every product through its module's call (adapters loaded)."""
     inner = model.model
     several = ids.shape[0] > 1
-    linear = rows_linear if several else _forward
+    linear = _call if modules_only else rows_linear if several else _forward
     hidden = inner.embed_tokens(ids)  # (B, 1, H)
     cos, sin = inner.rotary_emb(hidden, positions)  # (B, 1, D)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, 1, D): broadcast over heads
@@ -58,13 +61,13 @@ def decode_step(model: Any, ids: torch.Tensor, positions: torch.Tensor, cache: S
         attn = layer.self_attn
         x = _rms_norm(hidden, layer.input_layernorm)
         hidden = hidden + linear(attn.o_proj, _attention(attn, x, cos, sin, cache, mask, index,
-                                                          several))
+                                                          several, linear, modules_only))
         x = _rms_norm(hidden, layer.post_attention_layernorm)
         mlp = layer.mlp
-        gate_up_t = getattr(mlp, "gate_up_t", None)  # hf_weights' fused layouts
+        gate_up_t = None if modules_only else getattr(mlp, "gate_up_t", None)  # hf_weights'
         sizes = (mlp.gate_proj.out_features, mlp.up_proj.out_features)
-        both = stacked(mlp, ("gate_up_rows", "gate_up_packed") if several else ("gate_up_packed",),
-                       x, sizes)
+        both = None if modules_only else stacked(
+            mlp, ("gate_up_rows", "gate_up_packed") if several else ("gate_up_packed",), x, sizes)
         if gate_up_t is not None and not several:
             gate, up = (x @ gate_up_t).split(sizes, dim=-1)
         elif both is not None:
@@ -80,6 +83,10 @@ def _forward(module: Any, x: torch.Tensor) -> torch.Tensor:
     return module.forward(x)  # type: ignore[no-any-return]
 
 
+def _call(module: Any, x: torch.Tensor) -> torch.Tensor:
+    return module(x)  # type: ignore[no-any-return]
+
+
 def _rms_norm(x: torch.Tensor, norm: Any) -> torch.Tensor:
     """``LlamaRMSNorm.forward``, op for op."""
     dtype = x.dtype
@@ -91,18 +98,18 @@ def _rms_norm(x: torch.Tensor, norm: Any) -> torch.Tensor:
 
 def _attention(attn: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                cache: SlotCache, mask: torch.Tensor | None, index: int,
-               several: bool) -> torch.Tensor:
+               several: bool, linear: Any, modules_only: bool) -> torch.Tensor:
     """``LlamaAttention.forward`` for one token per row: (B, 1, H) -> (B, 1, H)."""
     batch, dim = x.shape[0], attn.head_dim
-    qkv_t = getattr(attn, "qkv_t", None)  # hf_weights' fused layouts
+    qkv_t = None if modules_only else getattr(attn, "qkv_t", None)  # hf_weights' fused layouts
     sizes = (attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features)
-    three = stacked(attn, ("qkv_rows", "qkv_packed") if several else ("qkv_packed",), x, sizes)
+    three = None if modules_only else stacked(
+        attn, ("qkv_rows", "qkv_packed") if several else ("qkv_packed",), x, sizes)
     if qkv_t is not None and not several:
         q, k, v = (x @ qkv_t).split(sizes, dim=-1)
     elif three is not None:
         q, k, v = three
     else:
-        linear = rows_linear if several else _forward
         q, k, v = linear(attn.q_proj, x), linear(attn.k_proj, x), linear(attn.v_proj, x)
     q = q.view(batch, 1, -1, dim).transpose(1, 2)  # (B, nh, 1, D)
     k = k.view(batch, 1, -1, dim).transpose(1, 2)  # (B, nkv, 1, D)

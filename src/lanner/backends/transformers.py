@@ -260,11 +260,12 @@ class TransformersBackend:
         ``positions`` (B, T) go into ``cache`` rows ``rows``; ``kv_len`` is the
         largest position + 1."""
         cache.bind(rows, positions, kv_len)
-        if self._lean_decode and ids.shape[1] == 1 and not self._adapters.names:
+        if self._lean_decode and ids.shape[1] == 1:
             full = bool((positions == kv_len - 1).all())  # every row sees every column
             lean_mask = None if full else causal_mask(positions, kv_len, self.model.dtype)
-            with self._adapters.use(None):
-                return hf_decode.decode_step(self.model, ids, positions, cache, lean_mask)
+            with self._adapters.use(adapter):
+                return hf_decode.decode_step(self.model, ids, positions, cache, lean_mask,
+                                             modules_only=bool(self._adapters.names))
         mask = causal_mask(positions, kv_len, self.model.dtype)
         kwargs: dict[str, Any] = {self._cache_kwarg: cache, "use_cache": True}
         if self._keeps_logits:
