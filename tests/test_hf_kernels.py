@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from lanner.backends import hf_kernels, hf_weights
 
-SHAPES = [(1, 96, 576), (44, 70, 576), (3, 50, 1536), (2, 33, 208), (5, 8, 16), (1, 1, 64)]
+SHAPES = [(1, 96, 576), (44, 70, 576), (3, 50, 1536), (2, 33, 208), (5, 8, 16), (1, 1, 64),
+          (16, 33, 208), (37, 24, 80), (70, 9, 1536)]  # 8-row blocks, with tails and without
 
 
 def aten_avx2_order(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
