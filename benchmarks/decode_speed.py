@@ -3,7 +3,8 @@
   llama-cpp-python direct  vs  Lanner's llama.cpp path (what `lanner run` does),
   HF generate fp32 / bf16  vs  Lanner's transformers path (same ids, same
                                dtype; the greedy tokens must be identical),
-  `lanner serve --backend transformers`: 8 concurrent streams vs 1.
+  `lanner serve --backend transformers`: 8 concurrent streams vs 1
+                               (float32; --serve-dtype bfloat16 for the other).
 
 Each figure is the best of --repeats runs, the two sides of a comparison
 interleaved (the machines are shared and noisy); tokens/s = completion tokens /
@@ -11,6 +12,7 @@ wall time of the whole request, prompt included. Every llama.cpp run asks a new
 question (a serial number in it) and neither side resets its cache: both reuse
 what the previous run left (the chat template's system prompt) and decode the
 rest, the same work. Usage: python benchmarks/decode_speed.py [--quick] [--threads N]
+[--skip llama_cpp,transformers,serve] [--serve-dtype float32|bfloat16]
 """
 
 from __future__ import annotations
@@ -220,6 +222,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads for the transformers comparison (1: steadier "
                              "on a shared machine)")
+    parser.add_argument("--serve-dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="the dtype `lanner serve --backend transformers` runs")
     parser.add_argument("--skip", default="",
                         help="comma list of: llama_cpp, transformers, serve")
     args = parser.parse_args()
@@ -238,7 +242,8 @@ def main() -> None:
             results |= transformers_paths(args.tokens, args.repeats, home, dtypes, cpu_rates,
                                           args.threads)
         if "serve" not in skip:
-            results |= serve_streams(args.tokens, args.repeats, home, cpu_rates)
+            results |= serve_streams(args.tokens, args.repeats, home, cpu_rates,
+                                     dtype=args.serve_dtype)
     print(f"decode speed, SmolLM2-135M-Instruct, {args.tokens} new tokens, greedy, "
           f"{os.cpu_count()} cores{f', {args.threads} torch threads' if args.threads else ''}, "
           f"best of {args.repeats}, {time.strftime('%Y-%m-%d')}, "
@@ -264,7 +269,7 @@ def main() -> None:
     if one and eight:
         by_cpu = (cpu_rates["lanner serve --backend transformers, 8 streams"]
                   / cpu_rates["lanner serve --backend transformers, 1 stream"])
-        print(f"  lanner serve --backend transformers, 8 streams / 1 stream = "
+        print(f"  lanner serve --backend transformers ({args.serve_dtype}), 8 streams / 1 stream = "
               f"{eight[0] / one[0]:.2f} wall, {by_cpu:.2f} per server CPU-s (target >= 4)")
 
 
