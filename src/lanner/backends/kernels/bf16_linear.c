@@ -14,9 +14,12 @@
  *
  * This file does the same additions in the same order (a product of two
  * bfloat16 values is exact in float32, so a fused multiply-add equals the
- * product then the add), widening x once per call and each output's weights
- * once for 8 rows at a time; rows go in blocks of 32 that stay in L2 while a
- * thread's outputs pass over them. Inputs whose K is not a multiple of 16
+ * product then the add), widening x once per call and reusing each widened
+ * weight vector: for 8 rows of a small batch (dot8), or, in products of 16
+ * rows or more (prompts), two outputs' weights for 4 rows at a time (dot4x2,
+ * 6 loads per 8 FMAs: ~1.4x dot8 on a 44-row prompt, a little slower on 8
+ * rows). Rows go in blocks of 32 that stay in L2 while a thread's outputs
+ * pass over them. Inputs whose K is not a multiple of 16
  * are left to PyTorch (its scalar tail rounds differently).
  *
  * Built at run time by lanner.backends.hf_kernels with
@@ -127,6 +130,60 @@ static void dot8(const float *x, size_t ldx, const uint16_t *w, int k, float *ou
     }
 }
 
+
+/* dot()'s sums for 4 rows against 2 outputs' weights (w0, w1): each widened
+ * weight vector serves 4 rows, each row's vector 2 outputs. */
+static void dot4x2(const float *x, size_t ldx, const uint16_t *w0, const uint16_t *w1, int k,
+                   float *out0, float *out1) {
+    float part[2][4][8][8] __attribute__((aligned(32)));
+    const int main_end = k & ~63, vec_end = k & ~15;
+    for (int q = 0; q < 8; ++q) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0,
+               b3 = a0;
+        for (int j = q * 8; j < main_end; j += 64) {
+            const __m256 u = widen8(w0 + j), v = widen8(w1 + j);
+            const __m256 x0 = _mm256_loadu_ps(x + j), x1 = _mm256_loadu_ps(x + ldx + j);
+            a0 = _mm256_fmadd_ps(u, x0, a0);
+            b0 = _mm256_fmadd_ps(v, x0, b0);
+            a1 = _mm256_fmadd_ps(u, x1, a1);
+            b1 = _mm256_fmadd_ps(v, x1, b1);
+            const __m256 x2 = _mm256_loadu_ps(x + 2 * ldx + j), x3 = _mm256_loadu_ps(x + 3 * ldx + j);
+            a2 = _mm256_fmadd_ps(u, x2, a2);
+            b2 = _mm256_fmadd_ps(v, x2, b2);
+            a3 = _mm256_fmadd_ps(u, x3, a3);
+            b3 = _mm256_fmadd_ps(v, x3, b3);
+        }
+        _mm256_store_ps(part[0][0][q], a0);
+        _mm256_store_ps(part[0][1][q], a1);
+        _mm256_store_ps(part[0][2][q], a2);
+        _mm256_store_ps(part[0][3][q], a3);
+        _mm256_store_ps(part[1][0][q], b0);
+        _mm256_store_ps(part[1][1][q], b1);
+        _mm256_store_ps(part[1][2][q], b2);
+        _mm256_store_ps(part[1][3][q], b3);
+    }
+    for (int o = 0; o < 2; ++o) {
+        const uint16_t *w = o ? w1 : w0;
+        float *out = o ? out1 : out0;
+        for (int r = 0; r < 4; ++r) {
+            const float *xr = x + r * ldx;
+            __m256 c0 = _mm256_add_ps(_mm256_load_ps(part[o][r][0]), _mm256_load_ps(part[o][r][4]));
+            __m256 c1 = _mm256_add_ps(_mm256_load_ps(part[o][r][1]), _mm256_load_ps(part[o][r][5]));
+            __m256 c2 = _mm256_add_ps(_mm256_load_ps(part[o][r][2]), _mm256_load_ps(part[o][r][6]));
+            __m256 c3 = _mm256_add_ps(_mm256_load_ps(part[o][r][3]), _mm256_load_ps(part[o][r][7]));
+            c0 = _mm256_add_ps(c0, c2);
+            c1 = _mm256_add_ps(c1, c3);
+            float sum = across(_mm256_add_ps(c0, c1));
+            __m256 tail = _mm256_setzero_ps();
+            for (int j = main_end; j < vec_end; j += 16) {
+                tail = _mm256_fmadd_ps(widen8(w + j), _mm256_loadu_ps(xr + j), tail);
+                tail = _mm256_fmadd_ps(widen8(w + j + 8), _mm256_loadu_ps(xr + j + 8), tail);
+            }
+            out[r] = sum + across(tail);
+        }
+    }
+}
+
 enum { ROW_BLOCK = 32 }; /* rows of x kept in L2 while a thread's outputs pass over them */
 
 /* Returns 0, or -1 where k is not a multiple of 16 or memory ran out. */
@@ -150,7 +207,24 @@ int lanner_bf16_linear(const uint16_t *x, const uint16_t *w, uint16_t *y, int m,
         float sums[8];
         for (int r0 = 0; r0 < m; r0 += ROW_BLOCK) {
             const int r1 = r0 + ROW_BLOCK < m ? r0 + ROW_BLOCK : m;
-            for (int o = first; o < last; ++o) {
+            int o = first;
+            for (; o + 2 <= last && m >= 16; o += 2) {
+                const uint16_t *row0 = w + (size_t)o * k, *row1 = row0 + k;
+                int r = r0;
+                float s0[4], s1[4];
+                for (; r + 4 <= r1; r += 4) {
+                    dot4x2(xf + (size_t)r * k, (size_t)k, row0, row1, k, s0, s1);
+                    for (int i = 0; i < 4; ++i) {
+                        y[(size_t)(r + i) * n + o] = to_bf16(s0[i]);
+                        y[(size_t)(r + i) * n + o + 1] = to_bf16(s1[i]);
+                    }
+                }
+                for (; r < r1; ++r) {
+                    y[(size_t)r * n + o] = to_bf16(dot(xf + (size_t)r * k, row0, k));
+                    y[(size_t)r * n + o + 1] = to_bf16(dot(xf + (size_t)r * k, row1, k));
+                }
+            }
+            for (; o < last; ++o) {
                 const uint16_t *row = w + (size_t)o * k;
                 int r = r0;
                 for (; r + 8 <= r1; r += 8) {
