@@ -9,8 +9,9 @@ weights at ~13 GB/s, and a prompt of 44 tokens costs 44 single-token products
 (~15 ms a token on SmolLM2-135M). The kernel makes exactly the same float32
 additions in the same order, so its outputs equal ``F.linear``'s bit for bit
 (checked here on every build before it is used, and by the tests), but widens
-the input once and reuses each output's weights for every row: ~1.8-3x on one
-row, ~4.4x on a 44-row prompt, measured on that VM.
+the input once and reuses each widened weight vector for several rows: on
+SmolLM2's shapes there, 1.6x on one token's products, 4.6x on 8 rows, 6x on a
+44-row prompt (benchmarks/bf16_kernel.py).
 
 Used only where it reproduces PyTorch: ATen's CPU capability is AVX2 (its
 vector width is what the kernel reproduces), oneDNN has no bfloat16 path

@@ -35,7 +35,7 @@ shapes, one thread:
   prompt passes and adapters).
 - bfloat16 where oneDNN has no bfloat16 path (AVX2 CPUs): each module gets a
   ``forward`` through ``hf_kernels.bf16_linear``, PyTorch's own sums bit for
-  bit, faster (one token's products ~1.3x, a prompt's ~4x); no extra memory.
+  bit, faster (one token's products ~1.6x, a prompt's ~6x); no extra memory.
 
 Prompt passes (many tokens at once) run at the same speed either way. Modules
 keep their ``weight``: peft adapters wrap a module and call it, so LoRA still
