@@ -46,10 +46,30 @@ static inline float across(__m256 v) {
     return _mm256_cvtss_f32(v);
 }
 
+/* One output of one row from its eight accumulators (part[q]: the products
+ * of inputs j+8q..j+8q+7 of every 64-input block j): ATen's pairwise, then
+ * across-lane additions, then the 16-input tail of x row xr against w. */
+static inline float finish(const float part[8][8], const float *xr, const uint16_t *w, int k) {
+    const int main_end = k & ~63, vec_end = k & ~15;
+    __m256 a0 = _mm256_add_ps(_mm256_load_ps(part[0]), _mm256_load_ps(part[4]));
+    __m256 a1 = _mm256_add_ps(_mm256_load_ps(part[1]), _mm256_load_ps(part[5]));
+    __m256 a2 = _mm256_add_ps(_mm256_load_ps(part[2]), _mm256_load_ps(part[6]));
+    __m256 a3 = _mm256_add_ps(_mm256_load_ps(part[3]), _mm256_load_ps(part[7]));
+    a0 = _mm256_add_ps(a0, a2);
+    a1 = _mm256_add_ps(a1, a3);
+    float sum = across(_mm256_add_ps(a0, a1));
+    __m256 tail = _mm256_setzero_ps();
+    for (int j = main_end; j < vec_end; j += 16) {
+        tail = _mm256_fmadd_ps(widen8(w + j), _mm256_loadu_ps(xr + j), tail);
+        tail = _mm256_fmadd_ps(widen8(w + j + 8), _mm256_loadu_ps(xr + j + 8), tail);
+    }
+    return sum + across(tail);
+}
+
 static inline float dot(const float *x, const uint16_t *w, int k) {
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0,
            a7 = a0;
-    const int main_end = k & ~63, vec_end = k & ~15;
+    const int main_end = k & ~63;
     for (int j = 0; j < main_end; j += 64) {
         a0 = _mm256_fmadd_ps(widen8(w + j), _mm256_loadu_ps(x + j), a0);
         a1 = _mm256_fmadd_ps(widen8(w + j + 8), _mm256_loadu_ps(x + j + 8), a1);
@@ -60,19 +80,16 @@ static inline float dot(const float *x, const uint16_t *w, int k) {
         a6 = _mm256_fmadd_ps(widen8(w + j + 48), _mm256_loadu_ps(x + j + 48), a6);
         a7 = _mm256_fmadd_ps(widen8(w + j + 56), _mm256_loadu_ps(x + j + 56), a7);
     }
-    a0 = _mm256_add_ps(a0, a4);
-    a1 = _mm256_add_ps(a1, a5);
-    a2 = _mm256_add_ps(a2, a6);
-    a3 = _mm256_add_ps(a3, a7);
-    a0 = _mm256_add_ps(a0, a2);
-    a1 = _mm256_add_ps(a1, a3);
-    float sum = across(_mm256_add_ps(a0, a1));
-    __m256 tail = _mm256_setzero_ps();
-    for (int j = main_end; j < vec_end; j += 16) {
-        tail = _mm256_fmadd_ps(widen8(w + j), _mm256_loadu_ps(x + j), tail);
-        tail = _mm256_fmadd_ps(widen8(w + j + 8), _mm256_loadu_ps(x + j + 8), tail);
-    }
-    return sum + across(tail);
+    float part[8][8] __attribute__((aligned(32)));
+    _mm256_store_ps(part[0], a0);
+    _mm256_store_ps(part[1], a1);
+    _mm256_store_ps(part[2], a2);
+    _mm256_store_ps(part[3], a3);
+    _mm256_store_ps(part[4], a4);
+    _mm256_store_ps(part[5], a5);
+    _mm256_store_ps(part[6], a6);
+    _mm256_store_ps(part[7], a7);
+    return finish(part, x, w, k);
 }
 
 static inline uint16_t to_bf16(float f) {
@@ -88,7 +105,7 @@ static inline uint16_t to_bf16(float f) {
  * (8 of the 16 vector registers hold one accumulator per row at a time). */
 static void dot8(const float *x, size_t ldx, const uint16_t *w, int k, float *out) {
     float part[8][8][8] __attribute__((aligned(32))); /* [row][accumulator][lane] */
-    const int main_end = k & ~63, vec_end = k & ~15;
+    const int main_end = k & ~63;
     for (int q = 0; q < 8; ++q) {
         __m256 r0 = _mm256_setzero_ps(), r1 = r0, r2 = r0, r3 = r0, r4 = r0, r5 = r0, r6 = r0,
                r7 = r0;
@@ -112,22 +129,7 @@ static void dot8(const float *x, size_t ldx, const uint16_t *w, int k, float *ou
         _mm256_store_ps(part[6][q], r6);
         _mm256_store_ps(part[7][q], r7);
     }
-    for (int r = 0; r < 8; ++r) {
-        const float *xr = x + r * ldx;
-        __m256 a0 = _mm256_add_ps(_mm256_load_ps(part[r][0]), _mm256_load_ps(part[r][4]));
-        __m256 a1 = _mm256_add_ps(_mm256_load_ps(part[r][1]), _mm256_load_ps(part[r][5]));
-        __m256 a2 = _mm256_add_ps(_mm256_load_ps(part[r][2]), _mm256_load_ps(part[r][6]));
-        __m256 a3 = _mm256_add_ps(_mm256_load_ps(part[r][3]), _mm256_load_ps(part[r][7]));
-        a0 = _mm256_add_ps(a0, a2);
-        a1 = _mm256_add_ps(a1, a3);
-        float sum = across(_mm256_add_ps(a0, a1));
-        __m256 tail = _mm256_setzero_ps();
-        for (int j = main_end; j < vec_end; j += 16) {
-            tail = _mm256_fmadd_ps(widen8(w + j), _mm256_loadu_ps(xr + j), tail);
-            tail = _mm256_fmadd_ps(widen8(w + j + 8), _mm256_loadu_ps(xr + j + 8), tail);
-        }
-        out[r] = sum + across(tail);
-    }
+    for (int r = 0; r < 8; ++r) out[r] = finish(part[r], x + r * ldx, w, k);
 }
 
 
@@ -136,7 +138,7 @@ static void dot8(const float *x, size_t ldx, const uint16_t *w, int k, float *ou
 static void dot4x2(const float *x, size_t ldx, const uint16_t *w0, const uint16_t *w1, int k,
                    float *out0, float *out1) {
     float part[2][4][8][8] __attribute__((aligned(32)));
-    const int main_end = k & ~63, vec_end = k & ~15;
+    const int main_end = k & ~63;
     for (int q = 0; q < 8; ++q) {
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0,
                b3 = a0;
@@ -147,7 +149,8 @@ static void dot4x2(const float *x, size_t ldx, const uint16_t *w0, const uint16_
             b0 = _mm256_fmadd_ps(v, x0, b0);
             a1 = _mm256_fmadd_ps(u, x1, a1);
             b1 = _mm256_fmadd_ps(v, x1, b1);
-            const __m256 x2 = _mm256_loadu_ps(x + 2 * ldx + j), x3 = _mm256_loadu_ps(x + 3 * ldx + j);
+            const __m256 x2 = _mm256_loadu_ps(x + 2 * ldx + j);
+            const __m256 x3 = _mm256_loadu_ps(x + 3 * ldx + j);
             a2 = _mm256_fmadd_ps(u, x2, a2);
             b2 = _mm256_fmadd_ps(v, x2, b2);
             a3 = _mm256_fmadd_ps(u, x3, a3);
@@ -162,25 +165,9 @@ static void dot4x2(const float *x, size_t ldx, const uint16_t *w0, const uint16_
         _mm256_store_ps(part[1][2][q], b2);
         _mm256_store_ps(part[1][3][q], b3);
     }
-    for (int o = 0; o < 2; ++o) {
-        const uint16_t *w = o ? w1 : w0;
-        float *out = o ? out1 : out0;
-        for (int r = 0; r < 4; ++r) {
-            const float *xr = x + r * ldx;
-            __m256 c0 = _mm256_add_ps(_mm256_load_ps(part[o][r][0]), _mm256_load_ps(part[o][r][4]));
-            __m256 c1 = _mm256_add_ps(_mm256_load_ps(part[o][r][1]), _mm256_load_ps(part[o][r][5]));
-            __m256 c2 = _mm256_add_ps(_mm256_load_ps(part[o][r][2]), _mm256_load_ps(part[o][r][6]));
-            __m256 c3 = _mm256_add_ps(_mm256_load_ps(part[o][r][3]), _mm256_load_ps(part[o][r][7]));
-            c0 = _mm256_add_ps(c0, c2);
-            c1 = _mm256_add_ps(c1, c3);
-            float sum = across(_mm256_add_ps(c0, c1));
-            __m256 tail = _mm256_setzero_ps();
-            for (int j = main_end; j < vec_end; j += 16) {
-                tail = _mm256_fmadd_ps(widen8(w + j), _mm256_loadu_ps(xr + j), tail);
-                tail = _mm256_fmadd_ps(widen8(w + j + 8), _mm256_loadu_ps(xr + j + 8), tail);
-            }
-            out[r] = sum + across(tail);
-        }
+    for (int r = 0; r < 4; ++r) {
+        out0[r] = finish(part[0][r], x + r * ldx, w0, k);
+        out1[r] = finish(part[1][r], x + r * ldx, w1, k);
     }
 }
 
@@ -203,7 +190,8 @@ int lanner_bf16_linear(const uint16_t *x, const uint16_t *w, uint16_t *y, int m,
         team = omp_get_num_threads();
         me = omp_get_thread_num();
 #endif
-        const int first = (int)((long long)n * me / team), last = (int)((long long)n * (me + 1) / team);
+        const int first = (int)((long long)n * me / team);
+        const int last = (int)((long long)n * (me + 1) / team);
         float sums[8];
         for (int r0 = 0; r0 < m; r0 += ROW_BLOCK) {
             const int r1 = r0 + ROW_BLOCK < m ? r0 + ROW_BLOCK : m;
