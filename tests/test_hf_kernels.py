@@ -107,6 +107,8 @@ def test_the_kernel_refuses_what_it_cannot_sum(kernel: hf_kernels.Linear) -> Non
         kernel(torch.ones(1, 32, dtype=torch.bfloat16), torch.ones(4, 16, dtype=torch.bfloat16))
     assert kernel(torch.ones(0, 16, dtype=torch.bfloat16),
                   torch.ones(4, 16, dtype=torch.bfloat16)).shape == (0, 4)
+    assert kernel(torch.ones(3, 16, dtype=torch.bfloat16),
+                  torch.ones(0, 16, dtype=torch.bfloat16)).shape == (3, 0)
 
 
 def test_the_kernel_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -99,8 +99,8 @@ def build() -> Linear:
                              f"not x {tuple(x.shape)} and weight {tuple(weight.shape)}")
         out = x.new_empty(*x.shape[:-1], n)
         rows = x.numel() // k
-        if rows and function(x.data_ptr(), weight.data_ptr(), out.data_ptr(), rows, n, k,
-                             torch.get_num_threads()) != 0:
+        if rows and n and function(x.data_ptr(), weight.data_ptr(), out.data_ptr(), rows, n,
+                                   k, torch.get_num_threads()) != 0:
             raise MemoryError("the bfloat16 kernel could not allocate its input copy")
         return out
 

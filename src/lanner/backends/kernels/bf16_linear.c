@@ -19,8 +19,8 @@
  * rows or more (prompts), two outputs' weights for 4 rows at a time (dot4x2,
  * 6 loads per 8 FMAs: ~1.4x dot8 on a 44-row prompt, a little slower on 8
  * rows). Rows go in blocks of 32 that stay in L2 while a thread's outputs
- * pass over them. Inputs whose K is not a multiple of 16
- * are left to PyTorch (its scalar tail rounds differently).
+ * pass over them. Inputs whose K is not a multiple of 16 are left to PyTorch
+ * (its scalar tail rounds differently).
  *
  * Built at run time by lanner.backends.hf_kernels with
  *   cc -O2 -mavx2 -mfma -fopenmp -shared -fPIC
@@ -131,7 +131,6 @@ static void dot8(const float *x, size_t ldx, const uint16_t *w, int k, float *ou
     }
     for (int r = 0; r < 8; ++r) out[r] = finish(part[r], x + r * ldx, w, k);
 }
-
 
 /* dot()'s sums for 4 rows against 2 outputs' weights (w0, w1): each widened
  * weight vector serves 4 rows, each row's vector 2 outputs. */
