@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from lanner.catalog import entries, planner
+from lanner.catalog import entries, licensing, planner
 from lanner.catalog.entries import catalog, get, licences
 from lanner.catalog.fit import budget, check_models_for_serving, fit, subject
-from lanner.catalog.licensing import warn_for_repo
-from lanner.engine.registry import add_entry
+from lanner.catalog.licensing import checked_path, warn_for_repo, warn_for_spec
+from lanner.engine.registry import add_entry, resolve
 from lanner.errors import CatalogError, WontFit
 
 GB = 1e9
@@ -249,6 +249,35 @@ def test_serve_warns_and_refuses_a_model_that_will_not_fit_before_loading(
     err = capsys.readouterr().err
     assert "smollm2 will not fit: it needs" in err and "50.0 MB of RAM" in err
     assert len(served) == 1  # nothing started for the refused model
+
+
+def test_a_model_needing_no_notice_is_not_looked_up_again_until_its_licence_changes(
+        lanner_home: Path, tinycoder_gguf: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    name = _restricted_model(lanner_home, tinycoder_gguf, licence="apache-2.0")
+    assert not warn_for_spec(lanner_home, resolve(name, lanner_home))
+    assert checked_path(lanner_home).is_file()
+    looked_up = []
+    real = licensing.licence_of
+    monkeypatch.setattr(licensing, "licence_of",
+                        lambda spec, home: looked_up.append(spec.license) or real(spec, home))
+    assert not warn_for_spec(lanner_home, resolve(name, lanner_home))
+    assert looked_up == []  # remembered: the catalog is not read
+    # The same name now recorded under a restrictive licence: looked up, and shown.
+    add_entry(lanner_home, name, {"path": str(tinycoder_gguf), "license": "llama2",
+                                  "source": "test"}, replace=True)
+    assert warn_for_spec(lanner_home, resolve(name, lanner_home))
+    assert looked_up == ["llama2"] and "Llama 2" in capsys.readouterr().err
+    # A notice is never remembered as "needs none": the next run looks it up again.
+    assert not warn_for_spec(lanner_home, resolve(name, lanner_home))
+    assert looked_up == ["llama2", "llama2"]
+    # Keys of another Lanner version are dropped when the file is next written.
+    checked_path(lanner_home).write_text(json.dumps(["0.0.0|old|mit|"]))
+    add_entry(lanner_home, name, {"path": str(tinycoder_gguf), "license": "mit",
+                                  "source": "test"}, replace=True)
+    assert not warn_for_spec(lanner_home, resolve(name, lanner_home))
+    kept = json.loads(checked_path(lanner_home).read_text())
+    assert len(kept) == 1 and kept[0].endswith(f"|{name}|mit|")
 
 
 def test_pull_warns_before_downloading_a_catalogued_repo(lanner_home: Path,
