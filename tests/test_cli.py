@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lanner import __version__
 from lanner.engine.registry import half_type
 
 LANNER = [sys.executable, "-m", "lanner"]
@@ -73,6 +74,15 @@ def test_only_the_named_verb_is_registered() -> None:
                           "if m.startswith('lanner.cli.')))"],
                          capture_output=True, text=True, check=True)
     assert "'lanner.cli.serve'" not in out.stdout and "'lanner.cli.run'" in out.stdout
+    # --version alone builds no parser at all; with other words, argparse answers it.
+    out = subprocess.run([sys.executable, "-c", "import sys, lanner.cli as c; r = c.main("
+                          "['--version']); print(r, [m for m in sys.modules "
+                          "if m.startswith('lanner.cli.')])"],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines() == [f"lanner {__version__}", "0 []"]
+    out = subprocess.run([*LANNER, "--home", "/nonexistent", "--version"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout == f"lanner {__version__}\n"
 
 
 def test_run_answers_paris_greedy(lanner_home: Path) -> None:
