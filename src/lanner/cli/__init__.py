@@ -16,6 +16,7 @@ VERBS = (
     "ingest", "ask", "collections", "forget", "pull", "add", "rm", "do", "eval",
     "compare", "arena", "tune", "merge", "fit", "info", "remote",
 )
+VERSION = f"lanner {__version__}"
 
 
 def build_parser(verbs: Sequence[str] = VERBS) -> argparse.ArgumentParser:
@@ -24,7 +25,7 @@ def build_parser(verbs: Sequence[str] = VERBS) -> argparse.ArgumentParser:
         prog="lanner",
         description="Run open-weight language models on your own hardware.",
     )
-    parser.add_argument("--version", action="version", version=f"lanner {__version__}")
+    parser.add_argument("--version", action="version", version=VERSION)
     parser.add_argument(
         "--home", default=None,
         help="data folder for logs and caches (default: $LANNER_HOME or the user data dir)",
@@ -53,7 +54,7 @@ def named_verb(argv: Sequence[str]) -> str | None:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv == ["--version"]:  # without building every verb's parser (~80 ms)
-        print(f"lanner {__version__}")
+        print(VERSION)
         return 0
     # Only the named verb's parser: registering all of them imports every verb
     # module, ~50 ms of a one-shot `lanner run`. Help, errors about the verb
