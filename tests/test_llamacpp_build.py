@@ -69,6 +69,36 @@ def test_small_batches_give_the_logits_of_a_large_batch(smollm2_half_gguf: Path)
     del llm
 
 
+def test_integer_tiles_give_a_token_the_same_logits_in_any_small_batch(
+        smollm2_half_gguf: Path, tmp_path: Path) -> None:
+    """The shipped model quantised to Q8_0 goes through tinyBLAS's integer
+    tiles (4 weight rows by 1-4 columns; the patch prefetches the next tile's
+    rows for 2 or more): steps of 3 and 17 tokens against the same tokens at
+    the end of one 60-token step give the same logits, bit for bit."""
+    q8 = tmp_path / "smollm2.q8_0.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
+    params.nthread = 2
+    assert llama_cpp.llama_model_quantize(str(smollm2_half_gguf).encode(), str(q8).encode(),
+                                          ctypes.byref(params)) == 0
+    llm = llama_cpp.Llama(str(q8), n_ctx=256, n_batch=256, n_threads=2,
+                          logits_all=True, flash_attn=True, verbose=False)
+    ids = llm.tokenize(b"def average_score(scores):\n    if not scores:\n        return 0\n"
+                       b"    total = 0\n    for score in scores:\n        total += score\n")
+    ids = (ids * 3)[:60]
+    llm.eval(ids)
+    whole = np.array(llm.scores[40:60])
+    llm.reset()
+    llm.eval(ids[:40])
+    llm.eval(ids[40:43])
+    llm.eval(ids[43:60])
+    split = np.array(llm.scores[40:60])
+    assert whole.shape == split.shape == (20, llm.n_vocab())
+    assert np.isfinite(whole).all() and whole.std() > 0
+    assert np.array_equal(whole, split)
+    del llm
+
+
 PATCH = """--- a/pkg/code.c
 +++ b/pkg/code.c
 @@ -1,2 +1,2 @@
