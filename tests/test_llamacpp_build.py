@@ -31,6 +31,20 @@ def test_the_installed_build_carries_the_patches() -> None:
     assert importlib.metadata.version("llama-cpp-python") == f"{script.VERSION}+{script.LOCAL}"
 
 
+def whole_and_split(llm: llama_cpp.Llama, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """The logits of tokens 40-59 of ``ids`` at the end of one 60-token step,
+    and decoded as steps of 3 and 17 tokens after the first 40."""
+    llm.eval(ids[:60])
+    whole = np.array(llm.scores[40:60])
+    llm.reset()
+    llm.eval(ids[:40])
+    llm.eval(ids[40:43])
+    llm.eval(ids[43:60])
+    split = np.array(llm.scores[40:60])
+    assert whole.shape == split.shape == (20, llm.n_vocab())
+    return whole, split
+
+
 def test_small_batches_give_the_logits_of_a_large_batch(smollm2_half_gguf: Path) -> None:
     """Steps of 3 and 17 tokens (the patched kernels: one-row tiles, and on
     AVX2 the activations widened once, tiles of 8 and 6 columns; attention
@@ -48,14 +62,7 @@ def test_small_batches_give_the_logits_of_a_large_batch(smollm2_half_gguf: Path)
                        b"including London. At 346 kilometres, it is the longest river "
                        b"entirely in England and the second-longest in the United Kingdom.")
     ids = (ids * 2)[:60]
-    llm.eval(ids)
-    whole = np.array(llm.scores[40:60])
-    llm.reset()
-    llm.eval(ids[:40])
-    llm.eval(ids[40:43])
-    llm.eval(ids[43:60])
-    split = np.array(llm.scores[40:60])
-    assert whole.shape == split.shape == (20, llm.n_vocab())
+    whole, split = whole_and_split(llm, ids)
     assert np.array_equal(whole, split)
     llm.reset()
     llm.eval(ids[:40])
@@ -85,15 +92,7 @@ def test_integer_tiles_give_a_token_the_same_logits_in_any_small_batch(
                           logits_all=True, flash_attn=True, verbose=False)
     ids = llm.tokenize(b"def average_score(scores):\n    if not scores:\n        return 0\n"
                        b"    total = 0\n    for score in scores:\n        total += score\n")
-    ids = (ids * 3)[:60]
-    llm.eval(ids)
-    whole = np.array(llm.scores[40:60])
-    llm.reset()
-    llm.eval(ids[:40])
-    llm.eval(ids[40:43])
-    llm.eval(ids[43:60])
-    split = np.array(llm.scores[40:60])
-    assert whole.shape == split.shape == (20, llm.n_vocab())
+    whole, split = whole_and_split(llm, (ids * 3)[:60])
     assert np.isfinite(whole).all() and whole.std() > 0
     assert np.array_equal(whole, split)
     del llm
