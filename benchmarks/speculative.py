@@ -4,7 +4,9 @@
     model loaded with `--speculative off` and with `ngram` (and `draft:MODEL`
     with --draft), in alternating order, a fresh prompt per repeat (a serial
     number first, so no side reuses a cached answer); tokens/s of the whole
-    request (prompt + answer). The texts must be identical, else it exits 1.
+    request (prompt + answer). Half the repeats with the models loaded in one
+    order, half in the other: of two identical models, the one loaded first
+    decoded 6-9% slower on these VMs. The texts must be identical, else it exits 1.
     Input-grounded prompts (an answer quoting a given passage, a code edit
     returning a given function with one name changed, a summary of a given
     list) against open-ended ones. Each prompt's line shows how much of the
@@ -27,7 +29,8 @@
     machine (how much a step of n tokens costs against one of 1).
   * 8 concurrent streams through `lanner serve --speculative off|ngram`, both
     servers up, alternating rounds (the same grounded and open-ended prompts),
-    6 rounds by default: rounds swing by up to 25% on the shared VM.
+    6 rounds by default: rounds swing by up to 25% on the shared VM. Half the
+    rounds with each server started first (restarted in between).
 
 Usage: python benchmarks/speculative.py [--target smollm2] [--draft MODEL] [--quick]
 `--target qwen2.5-coder-0.5b` needs `make qwen` (skipped with a message otherwise).
@@ -164,61 +167,89 @@ def parting(model: Model, text: str, n: int, plain: list[int], other: list[int])
     return None if gap <= TIE[0] else f"token {at}: logprob gap {gap:.3f}"
 
 
-def single_stream(models: dict[str, Model], n: int, repeats: int) -> bool:
+def single_stream(load: Callable[[list[str]], dict[str, Model]], sides: list[str], n: int,
+                  repeats: int) -> bool:
     """Per prompt and side: tokens and seconds over the repeats; ratios per group.
     Decode tok/s counts the tokens after the first over the time after it (the
-    prompt's decoding is the same work on both sides); whole: all of the request."""
+    prompt's decoding is the same work on both sides); whole: all of the request.
+
+    The repeats run in two phases, the models loaded afresh in each: first in
+    the order ``sides``, then reversed. Of two models loaded from the same
+    file with the same settings, the one loaded first decoded 6-9% slower here
+    *(one-off, llama.cpp alone and through Lanner, several runs)*; a fixed
+    order gave the side loaded second that much for free."""
     same = True
     totals: dict[tuple[str, str], list[float]] = {}
-    serial = 0
+    per: dict[tuple[str, str], dict[str, list[float]]] = {}
+    shares: dict[tuple[str, str], list[float]] = {}
+    stats: dict[str, dict[str, float]] = {side: {} for side in sides}
+    steps = dict.fromkeys(sides, 0)
     ties = 0
-    for group, prompts in (("grounded", GROUNDED), ("open-ended", OPEN)):
-        for name, text in prompts.items():
-            per: dict[str, list[float]] = {side: [0.0, 0.0, 0.0, 0.0] for side in models}
-            shares = []
-            for r in range(repeats):
-                serial += 1
-                sides = list(models) if r % 2 == 0 else list(reversed(models))
-                outs = {}
-                for side in sides:
-                    ids, answer, tokens, decode, whole, share, prompt = one(
-                        models[side], f"#{serial}. {text}", n)
-                    outs[side] = (ids, answer)
-                    for i, value in enumerate((tokens, decode, whole, 1)):
-                        per[side][i] += value
-                    if side == "off":
-                        shares.append(share)
-                        ANSWERS.append((group, prompt, ids))
-                base = outs["off"]
-                for side, out in outs.items():
-                    if out[0] != base[0]:
-                        why = parting(models["off"], f"#{serial}. {text}", n, base[0], out[0])
-                        ties += why is None
-                        if why is not None:
-                            same = False
-                            print(f"  MISMATCH {name} r{r} {side}: {why}")
-            line = f"  {group:<10} {name:<10} copied {statistics.mean(shares):4.0%}"
-            for side, sums in per.items():
-                acc = totals.setdefault((group, side), [0.0, 0.0, 0.0, 0.0])
-                for i, value in enumerate(sums):
-                    acc[i] += value
-                line += f"  {side} {rate(sums):6.1f} tok/s ({rate(sums) / rate(per['off']):.2f}x)"
-            print(line, flush=True)
+    models: dict[str, Model] = {}
+    half = (repeats + 1) // 2
+    phases = [(list(sides), range(half)), (list(reversed(sides)), range(half, repeats))]
+    phases = [(order, runs) for order, runs in phases if runs]
+    for phase, (order, runs) in enumerate(phases):
+        models = load(order)
+        for group, prompts in (("grounded", GROUNDED), ("open-ended", OPEN)):
+            for name, text in prompts.items():
+                key = (group, name)
+                sums = per.setdefault(key, {side: [0.0, 0.0, 0.0, 0.0] for side in sides})
+                for r in runs:
+                    # Prompt by prompt, as when one pass ran every repeat: with
+                    # --repeats 3 the same questions as the runs before the phases.
+                    serial = 1 + list({**GROUNDED, **OPEN}).index(name) * repeats + r
+                    order_r = order if r % 2 == 0 else list(reversed(order))
+                    outs = {}
+                    for side in order_r:
+                        ids, answer, tokens, decode, whole, share, prompt = one(
+                            models[side], f"#{serial}. {text}", n)
+                        outs[side] = (ids, answer)
+                        for i, value in enumerate((tokens, decode, whole, 1)):
+                            sums[side][i] += value
+                        if side == "off":
+                            shares.setdefault(key, []).append(share)
+                            ANSWERS.append((group, prompt, ids))
+                    base = outs["off"]
+                    for side, out in outs.items():
+                        if out[0] != base[0]:
+                            why = parting(models["off"], f"#{serial}. {text}", n, base[0],
+                                          out[0])
+                            ties += why is None
+                            if why is not None:
+                                same = False
+                                print(f"  MISMATCH {name} r{r} {side}: {why}")
+        for side, model in models.items():
+            steps[side] += STEPS.pop(id(model), 0)
+            counts: dict[str, float] = getattr(model.backend, "stats", dict)()
+            for k in ("spec_drafted_tokens", "spec_accepted_tokens"):
+                stats[side][k] = stats[side].get(k, 0) + (counts.get(k) or 0)
+        if phase < len(phases) - 1:
+            for model in models.values():
+                model.close()
+    for (group, name), sums in per.items():
+        line = f"  {group:<10} {name:<10} copied {statistics.mean(shares[(group, name)]):4.0%}"
+        for side, got in sums.items():
+            acc = totals.setdefault((group, side), [0.0, 0.0, 0.0, 0.0])
+            for i, value in enumerate(got):
+                acc[i] += value
+            line += f"  {side} {rate(got):6.1f} tok/s ({rate(got) / rate(sums['off']):.2f}x)"
+        print(line, flush=True)
     ratios = {}
     for group in ("grounded", "open-ended"):
         off = totals[(group, "off")]
         ratios[group] = rate(totals[(group, "ngram")]) / rate(off)
-        for side in models:
-            got = totals[(group, side)]
-            print(f"  {group:<10} all  {side:<14} decode {rate(got):6.1f} tok/s "
-                  f"{rate(got) / rate(off):.2f}x plain;  whole request {rate(got, 2):6.1f} "
-                  f"tok/s {rate(got, 2) / rate(off, 2):.2f}x", flush=True)
+        for side in sides:
+            both = totals[(group, side)]
+            print(f"  {group:<10} all  {side:<14} decode {rate(both):6.1f} tok/s "
+                  f"{rate(both) / rate(off):.2f}x plain;  whole request {rate(both, 2):6.1f} "
+                  f"tok/s {rate(both, 2) / rate(off, 2):.2f}x", flush=True)
     tokens = sum(totals[(g, "off")][0] for g in ("grounded", "open-ended"))
-    for side, model in models.items():
-        stats = getattr(model.backend, "stats", dict)()
-        print(f"  {side}: {STEPS[id(model)]} decode steps for {tokens:.0f} tokens (prompts "
-              f"included); drafted {stats.get('spec_drafted_tokens')}, accepted "
-              f"{stats.get('spec_accepted_tokens')} ({stats.get('spec_acceptance_rate')})")
+    for side in sides:
+        drafted, accepted = stats[side]["spec_drafted_tokens"], stats[side]["spec_accepted_tokens"]
+        print(f"  {side}: {steps[side]} decode steps for {tokens:.0f} tokens (prompts "
+              f"included); drafted {drafted:.0f}, accepted {accepted:.0f} "
+              f"({accepted / drafted if drafted else 0.0:.4f})")
     print(f"  same tokens with and without speculation: {'yes' if same else 'NO'}"
           + (f" (apart from {ties} near tie(s) settled by rounding)" if ties else ""),
           flush=True)
@@ -336,56 +367,77 @@ sides may not decode the same number of tokens."""
 
 
 def serving(target: str, streams: int, n: int, rounds: int) -> None:
-    procs, urls = {}, {}
-    try:
-        for side in ("off", "ngram"):
-            port = free_port()
-            cmd = [sys.executable, "-m", "lanner", "serve", target, "--port", str(port),
-                   "--no-embeddings", "--speculative", side, "--keep-alive", "-1"]
-            procs[side] = start(cmd, port, "/health")
-            urls[side] = f"http://127.0.0.1:{port}"
-            asyncio.run(concurrent(urls[side], target, 1, 8, 0))  # load the model
-        got: dict[str, list[float]] = {"off": [], "ngram": []}
-        for r in range(rounds):
-            for side in (("off", "ngram") if r % 2 == 0 else ("ngram", "off")):
-                got[side].append(asyncio.run(concurrent(urls[side], target, streams, n,
-                                                        1000 + r)))
-        off, spec = statistics.median(got["off"]), statistics.median(got["ngram"])
-        print(f"  {streams} streams through lanner serve: off {off:.1f} tok/s, ngram "
-              f"{spec:.1f} tok/s ({spec / off:.2f}x; rounds: "
-              f"{[round(a / b, 2) for a, b in zip(got['ngram'], got['off'], strict=True)]}; "
-              f"tokens per round: off {TOKENS[urls['off']][1:]}, "
-              f"ngram {TOKENS[urls['ngram']][1:]})")
-        metrics = httpx.get(urls["ngram"] + "/metrics", timeout=10).text
-        print("  " + "\n  ".join(ln for ln in metrics.splitlines()
-                                 if ln.startswith("lanner_backend_spec")))
-    finally:
-        for proc in procs.values():
-            proc.terminate()
-            proc.wait(timeout=30)
+    """Both servers up, alternating rounds; in two sessions, each server
+    started first in one of them (see ``single_stream``: a model loaded first
+    decoded slower here), the servers restarted between them."""
+    got: dict[str, list[float]] = {"off": [], "ngram": []}
+    urls: dict[str, str] = {}
+    used: dict[str, list[str]] = {"off": [], "ngram": []}
+    metrics = ""
+    half = (rounds + 1) // 2
+    for order, runs in ((("off", "ngram"), range(half)), (("ngram", "off"), range(half, rounds))):
+        if not runs:
+            continue
+        procs = {}
+        try:
+            for side in order:
+                port = free_port()
+                cmd = [sys.executable, "-m", "lanner", "serve", target, "--port", str(port),
+                       "--no-embeddings", "--speculative", side, "--keep-alive", "-1"]
+                procs[side] = start(cmd, port, "/health")
+                urls[side] = f"http://127.0.0.1:{port}"
+                used[side].append(urls[side])
+                asyncio.run(concurrent(urls[side], target, 1, 8, 0))  # load the model
+            for r in runs:
+                for side in (order if r % 2 == 0 else tuple(reversed(order))):
+                    got[side].append(asyncio.run(concurrent(urls[side], target, streams, n,
+                                                            1000 + r)))
+            metrics += httpx.get(urls["ngram"] + "/metrics", timeout=10).text
+        finally:
+            for proc in procs.values():
+                proc.terminate()
+                proc.wait(timeout=30)
+    off, spec = statistics.median(got["off"]), statistics.median(got["ngram"])
+    print(f"  {streams} streams through lanner serve: off {off:.1f} tok/s, ngram "
+          f"{spec:.1f} tok/s ({spec / off:.2f}x; rounds: "
+          f"{[round(a / b, 2) for a, b in zip(got['ngram'], got['off'], strict=True)]}; "
+          f"tokens per round: off {[t for u in used['off'] for t in TOKENS[u][1:]]}, "
+          f"ngram {[t for u in used['ngram'] for t in TOKENS[u][1:]]})")
+    print("  ngram server, each session: " + "\n  ".join(
+        ln for ln in metrics.splitlines() if ln.startswith("lanner_backend_spec")))
 
 
 def single_streams(args: argparse.Namespace) -> bool | None:
     """The single-stream part; None when the target is not registered here."""
-    engine = Engine()
-    sides = {"off": "off", "ngram": "ngram"}
+    engines: list[Engine] = []
+    values = {"off": "off", "ngram": "ngram"}
     if args.draft:
-        sides[f"draft:{args.draft}"] = f"draft:{args.draft}"
+        values[f"draft:{args.draft}"] = f"draft:{args.draft}"
+
+    def load(order: list[str]) -> dict[str, Model]:
+        """The sides' models, loaded afresh in ``order`` (a new engine each time)."""
+        for old in engines:
+            old.close()
+        engines[:] = [Engine()]
+        return {side: engines[0].load(args.target, speculative=values[side], n_ctx=2048)
+                for side in order}
+
     try:
-        models = {side: engine.load(args.target, speculative=value, n_ctx=2048)
-                  for side, value in sides.items()}
+        first = load(list(values))
     except ModelNotFound as e:
         print(f"skipped: {args.target} is not registered here ({e}); `make qwen` adds "
               "qwen2.5-coder-0.5b")
         return None
-    print(f"{args.target} ({models['off'].spec.path.name}), greedy, {args.tokens} tokens, "
-          f"{args.repeats} repeats", flush=True)
-    worst = max(rounding(models["off"], text) for text in [*GROUNDED.values(), *OPEN.values()])
+    print(f"{args.target} ({first['off'].spec.path.name}), greedy, {args.tokens} tokens, "
+          f"{args.repeats} repeats in two phases (the sides loaded in one order, then the "
+          "other)", flush=True)
+    worst = max(rounding(first["off"], text) for text in [*GROUNDED.values(), *OPEN.values()])
     TIE[0] = 2 * worst
     print(f"  batched and one-token logprobs differ by up to {worst:.3f} on this model: "
           f"partings within {TIE[0]:.3f} count as rounding", flush=True)
-    same = single_stream(models, args.tokens, args.repeats)
-    engine.close()
+    same = single_stream(load, list(values), args.tokens, args.repeats)
+    for engine in engines:
+        engine.close()
     return same
 
 
@@ -394,7 +446,7 @@ def main() -> int:
     parser.add_argument("--target", default="smollm2")
     parser.add_argument("--draft", help="also a draft model, e.g. smollm2-q4_1")
     parser.add_argument("--tokens", type=int, default=160)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--streams", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--skip-serve", action="store_true")
