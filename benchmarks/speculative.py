@@ -446,7 +446,7 @@ def main() -> int:
     parser.add_argument("--target", default="smollm2")
     parser.add_argument("--draft", help="also a draft model, e.g. smollm2-q4_1")
     parser.add_argument("--tokens", type=int, default=160)
-    parser.add_argument("--repeats", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=6)
     parser.add_argument("--streams", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--skip-serve", action="store_true")
