@@ -189,8 +189,8 @@ def single_stream(load: Callable[[list[str]], dict[str, Model]], sides: list[str
     half = (repeats + 1) // 2
     phases = [(list(sides), range(half)), (list(reversed(sides)), range(half, repeats))]
     phases = [(order, runs) for order, runs in phases if runs]
-    for phase, (order, runs) in enumerate(phases):
-        models = load(order)
+    for order, runs in phases:
+        models = load(order)  # closes the previous phase's models
         for group, prompts in (("grounded", GROUNDED), ("open-ended", OPEN)):
             for name, text in prompts.items():
                 key = (group, name)
@@ -224,9 +224,6 @@ def single_stream(load: Callable[[list[str]], dict[str, Model]], sides: list[str
             counts: dict[str, float] = getattr(model.backend, "stats", dict)()
             for k in ("spec_drafted_tokens", "spec_accepted_tokens"):
                 stats[side][k] = stats[side].get(k, 0) + (counts.get(k) or 0)
-        if phase < len(phases) - 1:
-            for model in models.values():
-                model.close()
     for (group, name), sums in per.items():
         line = f"  {group:<10} {name:<10} copied {statistics.mean(shares[(group, name)]):4.0%}"
         for side, got in sums.items():
