@@ -353,7 +353,12 @@ def test_drafts_are_sized_by_what_a_step_costs() -> None:
             knee.record(n, 0.010 if n <= 4 else 0.010 * n / 4)
     assert knee.allocate([[0.95] * 12], 1) == [3]  # drafts up to the knee pay
     assert knee.allocate([[0.95] * 12] * 4, 4) == [0, 0, 0, 0]  # a full batch: none
-    assert speculative.StepCosts(16).allocate([[0.9] * 4], 1) == [0]  # nothing measured yet
+    # Nothing measured yet (a fresh model's first steps): the prior, 0.1 of a
+    # one-token step per extra token, sizes the drafts.
+    fresh = speculative.StepCosts(16)
+    assert fresh.cost(1) == 1.0 and fresh.cost(9) == pytest.approx(1.8)
+    assert fresh.allocate([[0.9] * 4], 1) == [4]
+    assert fresh.allocate([[0.3] * 12], 1) == [1]  # a long unlikely draft does not pay
     # Likely tokens first: the sure sequence drafts all 12, the coin toss what is left.
     assert flat.allocate([[0.5] * 12, [0.99] * 12], 2) == [2, 12]
     noisy = speculative.StepCosts(16)
@@ -365,12 +370,14 @@ def test_drafts_are_sized_by_what_a_step_costs() -> None:
     for n, seconds in ((1, 0.010), (2, 0.025), (3, 0.012), (8, 0.015)):
         for _ in range(3):
             slow_two.record(n, seconds)
-    # Two tokens cannot cost more than three: the measured 3 caps the noisy 2,
-    # and an untried 4-7 costs what 3 did, capped by 8.
+    # Two tokens cannot cost more than three: the measured 3 caps the noisy 2.
+    # An untried size costs the nearest smaller measured one's, scaled by the
+    # prior (5: 0.012 * 1.4 / 1.2), capped by a larger measured one (7 by 8).
     assert slow_two.cost(2) == pytest.approx(0.012)
-    assert slow_two.cost(5) == pytest.approx(0.012)
+    assert slow_two.cost(5) == pytest.approx(0.014)
+    assert slow_two.cost(7) == pytest.approx(0.015)
     assert slow_two.cost(8) == pytest.approx(0.015)
-    assert slow_two.cost(12) == pytest.approx(0.015)
+    assert slow_two.cost(12) == pytest.approx(0.015 * 2.1 / 1.7)
     assert slow_two.allocate([[0.9]], 1) == [1]  # at 0.025 for 2 tokens it would not pay
 
 
