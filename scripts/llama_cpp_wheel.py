@@ -32,7 +32,7 @@ from typing import NoReturn
 
 VERSION = "0.3.36"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
-LOCAL = "lanner9"
+LOCAL = "lanner8"
 """Raised with every change to the patches' effect."""
 PATCHES = sorted((Path(__file__).resolve().parents[1] / "patches").glob(
     f"llama-cpp-python-{VERSION}-*.patch"))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import ctypes
 import importlib.metadata
 import importlib.util
-import os
 import shutil
 import subprocess
 import sys
@@ -185,53 +184,6 @@ def test_a_new_wheel_removes_the_earlier_ones(tmp_path: Path) -> None:
 # ggml's own flash attention, called through ctypes on the libraries the
 # wheel ships, against float64: the patched path for a few query rows.
 GGML_F32, GGML_F16 = 0, 1
-
-
-ADVISED = """
-import sys
-import llama_cpp
-
-def advised():
-    \"\"\"Bytes of this process's mappings that carry the huge-page advice.\"\"\"
-    total = size = 0
-    for line in open("/proc/self/smaps"):
-        head = line.split()
-        if "-" in head[0] and not head[0].endswith(":"):
-            lo, hi = (int(x, 16) for x in head[0].split("-"))
-            size = hi - lo
-        elif head[0] == "VmFlags:" and "hg" in head[1:]:
-            total += size
-    return total
-
-before = advised()
-llm = llama_cpp.Llama(sys.argv[1], n_ctx=2048, n_threads=1, verbose=False)
-meta = llm.metadata
-arch = meta["general.architecture"]
-layers, embd = int(meta[arch + ".block_count"]), int(meta[arch + ".embedding_length"])
-heads, kv_heads = int(meta[arch + ".attention.head_count"]), int(meta[arch + ".attention.head_count_kv"])
-kv_cache = 2 * layers * 2048 * (embd // heads * kv_heads) * 2  # K and V, F16
-print(before, advised(), kv_cache)
-"""
-
-
-@pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage").is_dir(),
-                    reason="the kernel has no transparent huge pages")
-def test_large_buffers_are_advised_as_huge_pages(smollm2_half_gguf: Path) -> None:
-    """ggml's buffers of 2 MiB or more (the KV cache, repacked weights) carry
-    the huge-page advice (``hg`` in their mapping's VmFlags): decoding reads
-    them every token, and with 4 KiB pages its TLB misses cost 8-20% of the
-    speed on these VMs. The advice is on the mapping whether or not the kernel
-    has huge pages free, so this holds on any Linux with THP. In a fresh
-    process, so nothing else in the test run advises its memory, and with
-    numpy's own advice off (it advises arrays of 4 MiB or more, such as
-    llama-cpp-python's logits)."""
-    env = {**os.environ, "NUMPY_MADVISE_HUGEPAGE": "0"}
-    out = subprocess.run([sys.executable, "-c", ADVISED, str(smollm2_half_gguf)],
-                         capture_output=True, text=True, check=True, timeout=120, env=env)
-    before, after, kv_cache = (int(x) for x in out.stdout.split())
-    assert before == 0
-    assert kv_cache > 20 << 20
-    assert after >= kv_cache
 
 
 class _InitParams(ctypes.Structure):
