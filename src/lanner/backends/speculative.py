@@ -292,8 +292,9 @@ class StepCosts:
         nearest smaller one did, so the first drafts ran to the longest size,
         and the sizes were learnt from the top down one wasteful step at a time.
         The benchmark's quote prompt as a fresh model's first request (smollm2
-        BF16, two runs each, one-off): 139 and 141 tok/s with that rule, 162
-        and 171 with the prior; the third request read 179-185 either way."""
+        BF16 on a trial build with huge-page buffers, two runs each, one-off):
+        139 and 141 tok/s with that rule, 162 and 171 with the prior; the third
+        request read 179-185 either way."""
         top = len(self.seconds) - 1
         n = max(1, min(n, top))
 
