@@ -27,10 +27,11 @@
     The gap between them and the measured figure is what a better guess of
     the outcome could still win; the ceilings themselves move with the
     machine (how much a step of n tokens costs against one of 1).
-  * 8 concurrent streams through `lanner serve --speculative off|ngram`, both
-    servers up, alternating rounds (the same grounded and open-ended prompts),
-    6 rounds by default: rounds swing by up to 25% on the shared VM. Half the
-    rounds with each server started first (restarted in between).
+  * 8 concurrent streams through `lanner serve --speculative off|ngram` (the
+    same grounded and open-ended prompts) in paired rounds, one server up at
+    a time, each started afresh for its turn, which goes first alternating;
+    the median of the rounds' ratios. 6 rounds by default: rounds swing by up
+    to 2x on the shared VM.
 
 Usage: python benchmarks/speculative.py [--target smollm2] [--draft MODEL] [--quick]
 `--target qwen2.5-coder-0.5b` needs `make qwen` (skipped with a message otherwise).
@@ -364,44 +365,39 @@ sides may not decode the same number of tokens."""
 
 
 def serving(target: str, streams: int, n: int, rounds: int) -> None:
-    """Both servers up, alternating rounds; in two sessions, each server
-    started first in one of them (see ``single_stream``: a model loaded first
-    decoded slower here), the servers restarted between them."""
+    """Paired rounds, one server up at a time: each round starts the ``off``
+    and the ``ngram`` server in turn (which first alternates), warms it with
+    one short request, runs ``streams`` at once and stops it. With both up, the
+    one loaded first decoded slower (see ``single_stream``). The figure is the
+    median of the rounds' ratios, so a slow spell of the machine counts once."""
     got: dict[str, list[float]] = {"off": [], "ngram": []}
-    urls: dict[str, str] = {}
-    used: dict[str, list[str]] = {"off": [], "ngram": []}
-    metrics = ""
-    half = (rounds + 1) // 2
-    for order, runs in ((("off", "ngram"), range(half)), (("ngram", "off"), range(half, rounds))):
-        if not runs:
-            continue
-        procs = {}
-        try:
-            for side in order:
-                port = free_port()
-                cmd = [sys.executable, "-m", "lanner", "serve", target, "--port", str(port),
-                       "--no-embeddings", "--speculative", side, "--keep-alive", "-1"]
-                procs[side] = start(cmd, port, "/health")
-                urls[side] = f"http://127.0.0.1:{port}"
-                used[side].append(urls[side])
-                asyncio.run(concurrent(urls[side], target, 1, 8, 0))  # load the model
-            for r in runs:
-                for side in (order if r % 2 == 0 else tuple(reversed(order))):
-                    got[side].append(asyncio.run(concurrent(urls[side], target, streams, n,
-                                                            1000 + r)))
-            metrics += httpx.get(urls["ngram"] + "/metrics", timeout=10).text
-        finally:
-            for proc in procs.values():
+    tokens: dict[str, list[int]] = {"off": [], "ngram": []}
+    metrics = []
+    for r in range(rounds):
+        for side in (("off", "ngram") if r % 2 == 0 else ("ngram", "off")):
+            port = free_port()
+            cmd = [sys.executable, "-m", "lanner", "serve", target, "--port", str(port),
+                   "--no-embeddings", "--speculative", side, "--keep-alive", "-1"]
+            proc = start(cmd, port, "/health")
+            url = f"http://127.0.0.1:{port}"
+            try:
+                asyncio.run(concurrent(url, target, 1, 8, 0))  # load the model
+                got[side].append(asyncio.run(concurrent(url, target, streams, n, 1000 + r)))
+                tokens[side].append(TOKENS[url][-1])
+                if side == "ngram":
+                    metrics.append(httpx.get(url + "/metrics", timeout=10).text)
+            finally:
                 proc.terminate()
                 proc.wait(timeout=30)
+    ratios = [a / b for a, b in zip(got["ngram"], got["off"], strict=True)]
     off, spec = statistics.median(got["off"]), statistics.median(got["ngram"])
-    print(f"  {streams} streams through lanner serve: off {off:.1f} tok/s, ngram "
-          f"{spec:.1f} tok/s ({spec / off:.2f}x; rounds: "
-          f"{[round(a / b, 2) for a, b in zip(got['ngram'], got['off'], strict=True)]}; "
-          f"tokens per round: off {[t for u in used['off'] for t in TOKENS[u][1:]]}, "
-          f"ngram {[t for u in used['ngram'] for t in TOKENS[u][1:]]})")
-    print("  ngram server, each session: " + "\n  ".join(
-        ln for ln in metrics.splitlines() if ln.startswith("lanner_backend_spec")))
+    print(f"  {streams} streams through lanner serve, median of {rounds} paired rounds: "
+          f"ngram/off {statistics.median(ratios):.2f}x (off {off:.1f} tok/s, ngram "
+          f"{spec:.1f} tok/s; rounds: {[round(x, 2) for x in ratios]}; "
+          f"tokens per round: off {tokens['off']}, ngram {tokens['ngram']})")
+    print("  ngram server, each round: " + "\n  ".join(
+        ln for text in metrics for ln in text.splitlines()
+        if ln.startswith("lanner_backend_spec")))
 
 
 def single_streams(args: argparse.Namespace) -> bool | None:
