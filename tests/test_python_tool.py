@@ -105,6 +105,8 @@ def fake_cli_model(monkeypatch: pytest.MonkeyPatch, lanner_home: Path) -> FakeBa
     backend = FakeBackend(answer_from_result)
     model = Engine(lanner_home).attach("fake", backend)
     monkeypatch.setattr(options, "load_model", lambda args, name, streams=None: model)
+    monkeypatch.setattr(options, "start_loading",  # run and chat
+                        lambda args, name, streams=None: lambda: model)
     return backend
 
 

@@ -50,6 +50,8 @@ def use_fake_model(monkeypatch: pytest.MonkeyPatch, reply: Callable[[str], str])
     backend = FakeBackend(reply, n_ctx=20000)
     model = Engine().attach("fake", backend)
     monkeypatch.setattr(options, "load_model", lambda args, name, streams=None: model)
+    monkeypatch.setattr(options, "start_loading",  # run and chat
+                        lambda args, name, streams=None: lambda: model)
     return backend
 
 

@@ -148,6 +148,8 @@ def test_cli_strategy_flag(monkeypatch: pytest.MonkeyPatch, lanner_home: Path,
                            capsys: pytest.CaptureFixture[str]) -> None:
     model, _ = fake(["Answer: 72", "Answer: 72", "Answer: 9"], lanner_home)
     monkeypatch.setattr(options, "load_model", lambda args, name, streams=None: model)
+    monkeypatch.setattr(options, "start_loading",  # run and chat
+                        lambda args, name, streams=None: lambda: model)
     assert main(["run", "fake", CLIPS, "--strategy", "self-consistency", "--samples", "3",
                  "--json"]) == 0
     data = json.loads(capsys.readouterr().out)

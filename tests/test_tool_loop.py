@@ -207,6 +207,8 @@ def scripted(monkeypatch: pytest.MonkeyPatch, lanner_home: Path) -> FakeBackend:
     backend = FakeBackend([f"Let me add. {CALL_SUMS}", "It is 5555."])
     model = Engine(lanner_home).attach("fake", backend)
     monkeypatch.setattr(options, "load_model", lambda args, name, streams=None: model)
+    monkeypatch.setattr(options, "start_loading",  # run and chat
+                        lambda args, name, streams=None: lambda: model)
     return backend
 
 

@@ -1,7 +1,5 @@
 """``python -m lanner`` is the ``lanner`` command."""
 
-import sys
+from lanner.cli import console_main
 
-from lanner.cli import main
-
-sys.exit(main())
+console_main()

@@ -31,6 +31,7 @@ except ImportError as e:  # pragma: no cover - llama-cpp-python is a core depend
 from . import speculative
 from .llamacpp_jobs import GenJob, Job, PromptJob, ScoreJob
 from .llamacpp_native import (
+    LOAD_OPTIONS,
     ContextConfig,
     Vocab,
     create_context,
@@ -63,8 +64,7 @@ _OPTIONS: dict[str, int | bool | str] = {
     # On: a sequence's numbers do not depend on what else shares the batch or the
     # cache, so batched == alone. Off matches a default llama_cpp.Llama exactly.
     "flash_attn": True,
-    "n_gpu_layers": 0,
-    "use_mmap": True,
+    **LOAD_OPTIONS,  # n_gpu_layers, use_mmap
     # KV cache layout (see llamacpp_native.create_context): "unified" shares
     # n_ctx cells among all sequences; "split" gives each its own n_ctx cells;
     # "auto" splits when that fits kv_budget_mib.

@@ -40,6 +40,26 @@ def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
         _errors.append(text.decode("utf-8", errors="replace").strip())
 
 
+def _c_no_op() -> Any:
+    """A log callback in C that does nothing, or None where there is none.
+
+    Every call to ``_log_callback`` takes the GIL: a load reports about 1,200
+    lines (smollm2), and a background load slowed by 20-80% while the
+    caller's thread ran Python. libc's ``abs`` reads only its first argument
+    (the level) and its result is dropped, which the C calling conventions
+    of x86-64 and arm64 allow, so llama.cpp can call it without Python.
+    Lines logged elsewhere in the process meanwhile (a decode) are dropped,
+    as ``_log_callback`` drops all but a failed load's errors.
+    """
+    try:
+        return ctypes.cast(ctypes.CDLL(None).abs, llama_cpp.llama_log_callback)
+    except (OSError, AttributeError, TypeError):  # no process-wide libc symbols (Windows)
+        return None
+
+
+_no_op_callback = _c_no_op()
+
+
 def init_llama() -> None:
     """Once per process: silence llama.cpp's stderr chatter and init its backends.
 
@@ -64,12 +84,76 @@ def _load_failure(path: Path) -> ModelLoadError:
     return ModelLoadError(f"cannot load {path}: {reason}")
 
 
+LOAD_OPTIONS: dict[str, int | bool] = {"n_gpu_layers": 0, "use_mmap": True}
+"""The backend options that decide how weights load (and their defaults)."""
+
+
+class _Preload(threading.Thread):
+    """A load running on its own thread; ``result()`` waits for its model or error."""
+
+    def __init__(self, path: Path, n_gpu_layers: int, use_mmap: bool) -> None:
+        # Not a daemon: exiting waits for the load, never unloads llama.cpp under it.
+        super().__init__(name=f"lanner-preload-{path.name}")
+        self._args = (path, n_gpu_layers, use_mmap)
+        self._model: Any = None
+        self._error: Exception | None = None
+
+    def run(self) -> None:
+        path, n_gpu_layers, use_mmap = self._args
+        try:
+            self._model = _load(path, n_gpu_layers=n_gpu_layers, use_mmap=use_mmap,
+                                quiet=True)
+        except Exception as e:  # raised again in the thread that claims the load
+            self._error = e
+
+    def result(self) -> Any:
+        self.join()
+        if self._error is not None:
+            raise self._error
+        return self._model
+
+
+_preloads_lock = threading.Lock()
+_preloads: dict[tuple[str, int, bool], _Preload] = {}
+
+
+def preload(path: Path, options: dict[str, Any]) -> None:
+    """Start loading ``path`` with the backend ``options`` on a background thread.
+
+    The next ``load_model`` of the same file with the same load options takes
+    that model (or raises its error) instead of loading again. llama.cpp reads
+    and repacks the weights without holding the GIL, so the caller's own
+    start-up work (imports, templates, opening its log) runs meanwhile. Options
+    of the wrong type start nothing: the backend reports them. A preload nobody
+    claims keeps its model until the process exits.
+    """
+    load = {key: options.get(key, default) for key, default in LOAD_OPTIONS.items()}
+    if any(type(load[key]) is not type(default) for key, default in LOAD_OPTIONS.items()):
+        return
+    key = (str(path), int(load["n_gpu_layers"]), bool(load["use_mmap"]))
+    with _preloads_lock:
+        if key not in _preloads:
+            _preloads[key] = thread = _Preload(path, *key[1:])
+            thread.start()
+
+
 def load_model(path: Path, *, n_gpu_layers: int = 0, use_mmap: bool = True) -> Any:
     """Open a GGUF file; ModelNotFound if it is missing, ModelLoadError if unreadable.
 
     llama.cpp validates the file and returns NULL on a corrupt or truncated one;
     the reason comes from its (captured) error log.
     """
+    with _preloads_lock:
+        pending = _preloads.pop((str(path), n_gpu_layers, use_mmap), None)
+    if pending is not None:
+        return pending.result()
+    return _load(path, n_gpu_layers=n_gpu_layers, use_mmap=use_mmap)
+
+
+def _load(path: Path, *, n_gpu_layers: int, use_mmap: bool, quiet: bool = False) -> Any:
+    """``quiet``: llama.cpp logs to ``_no_op_callback`` during the load, so it
+    never waits for the GIL; a failure is loaded again with the Python
+    callback to learn why."""
     init_llama()
     if not path.exists():
         raise ModelNotFound(f"no such model file: {path}")
@@ -87,11 +171,20 @@ def load_model(path: Path, *, n_gpu_layers: int = 0, use_mmap: bool = True) -> A
     params.load_mode = (
         llama_cpp.LLAMA_LOAD_MODE_MMAP if use_mmap else llama_cpp.LLAMA_LOAD_MODE_NONE
     )
+    quiet = quiet and _no_op_callback is not None
     with _init_lock:
         _errors.clear()
-        model = llama_cpp.llama_model_load_from_file(str(path).encode("utf-8"), params)
-        if not model:
+        if quiet:
+            llama_cpp.llama_log_set(_no_op_callback, ctypes.c_void_p(0))
+        try:
+            model = llama_cpp.llama_model_load_from_file(str(path).encode("utf-8"), params)
+        finally:
+            if quiet:
+                llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
+        if not model and not quiet:
             raise _load_failure(path)
+    if not model:
+        return _load(path, n_gpu_layers=n_gpu_layers, use_mmap=use_mmap)  # raises, with the reason
     return model
 
 

@@ -49,8 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     sampling = options.sampling_options(args)
-    store = options.open_store(args)
-    model = options.load_model(args, args.model)
+    finish_loading = options.start_loading(args, args.model)
+    store = options.open_store(args)  # while the weights load
+    model = finish_loading()
     session = _session(args, model, store, sampling)
     session.on_drop = _show_dropped
     session = tooling.with_tools(args, session)

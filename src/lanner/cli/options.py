@@ -4,7 +4,9 @@ turns them into engine options. Validation itself happens in ``Request``."""
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -103,6 +105,14 @@ def load_model(args: argparse.Namespace, name: str | None,
     """The model the verb names, with the model flags. ``streams``: how many
     requests it must decode at once (None: the backend's default, 16 for
     llama.cpp); a one-shot answer asks for 1, which sizes a smaller context."""
+    return start_loading(args, name, streams)()
+
+
+def start_loading(args: argparse.Namespace, name: str | None,
+                  streams: int | None = None) -> Callable[[], Model]:
+    """``load_model`` in two halves: this starts reading the weights in the
+    background (``Engine.preload``), the function it returns finishes the load.
+    A verb does its own start-up work (imports, opening the log) in between."""
     from lanner.engine.engine import Engine
 
     options = {"n_ctx": args.n_ctx, "dtype": args.dtype, "kv": args.kv,
@@ -111,8 +121,10 @@ def load_model(args: argparse.Namespace, name: str | None,
                "speculative": args.speculative, "n_seq_max": streams}
     engine = Engine(args.home)
     licence_notice(engine.home, name or DEFAULT_MODEL)
-    return engine.load(name or DEFAULT_MODEL, backend=args.backend,
-                       chat_format=args.chat_format, **options)
+    engine.preload(name or DEFAULT_MODEL, backend=args.backend,
+                   chat_format=args.chat_format, **options)
+    return functools.partial(engine.load, name or DEFAULT_MODEL, backend=args.backend,
+                             chat_format=args.chat_format, **options)
 
 
 def licence_notice(home: Path, name: str) -> None:

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from typing import TYPE_CHECKING
 
 from lanner.cli import options, render, strategy_options, tooling
+
+if TYPE_CHECKING:
+    from lanner.chat.session import ChatSession
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,27 +30,40 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    sampling = options.sampling_options(args)
+    # One answer at a time, unless a strategy samples several at once.
+    finish_loading = options.start_loading(args, args.model,
+                                           streams=None if args.strategy else 1)
+    # While the weights load: the imports, the prompt and the log.
     from lanner.chat.session import ChatSession
 
     prompt = options.read_prompt(args.prompt)
-    sampling = options.sampling_options(args)
-    # One answer at a time, unless a strategy samples several at once.
-    model = options.load_model(args, args.model, streams=None if args.strategy else 1)
-    session = ChatSession(model, options.open_store(args), system=args.system, options=sampling)
+    store = options.open_store(args)
+    try:
+        session = ChatSession(finish_loading(), store, system=args.system, options=sampling)
+        return _answer(args, session, prompt)
+    finally:
+        if store is not None:
+            store.close()
+
+
+def _answer(args: argparse.Namespace, session: ChatSession, prompt: str) -> int:
+    model = session.model
     if args.tool:
         return tooling.run_with_tools(args, model, session, prompt)
     if args.strategy:
         return strategy_options.run_with_strategy(args, model, session, prompt)
     events = session.complete(prompt) if args.raw else session.send(prompt)
-    if args.json:
-        from lanner.engine.types import collect
+    with contextlib.closing(events):  # a reader gone mid-answer: the part said is logged now
+        if args.json:
+            from lanner.engine.types import collect
 
-        result = collect(events)
-        print(render.completion_json(model.name, result,
-                                     conversation_id=session.conversation_id))
-    elif args.show_probs is not None:
-        render.stream_probs(events)
-    else:
-        render.stream_text(events)
-        sys.stdout.write("\n")
+            result = collect(events)
+            print(render.completion_json(model.name, result,
+                                         conversation_id=session.conversation_id))
+        elif args.show_probs is not None:
+            render.stream_probs(events)
+        else:
+            render.stream_text(events)
+            sys.stdout.write("\n")
     return 0

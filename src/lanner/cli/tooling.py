@@ -8,6 +8,7 @@ so ``lanner --help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections.abc import Iterable, Iterator
@@ -76,7 +77,9 @@ def run_with_tools(args: argparse.Namespace, model: Model, session: ChatSession,
         print(json.dumps(_result_json(model.name, result, loop.conversation_id),
                          ensure_ascii=False))
         return 0
-    render.stream_text(_showing_tools(loop.stream(messages)), sys.stdout)
+    stream = loop.stream(messages)
+    with contextlib.closing(stream):  # logged before the caller closes the store
+        render.stream_text(_showing_tools(stream), sys.stdout)
     sys.stdout.write("\n")
     if loop.result is not None and loop.result.stopped == "max_steps":
         print(f"[stopped after {args.max_steps} rounds of tool calls]", file=sys.stderr)

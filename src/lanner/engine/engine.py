@@ -10,13 +10,15 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lanner import paths
 from lanner.backends.base import Backend
-from lanner.engine.model import Model
 from lanner.engine.registry import DEFAULT_MODEL, ModelSpec, resolve
 from lanner.errors import BackendUnavailable, InvalidRequest
+
+if TYPE_CHECKING:
+    from lanner.engine.model import Model
 
 BACKENDS: dict[str, str] = {
     "llama.cpp": "lanner.backends.llamacpp:LlamaCppBackend",
@@ -24,6 +26,9 @@ BACKENDS: dict[str, str] = {
     "fake": "lanner.backends.fake:FakeBackend",
     "remote": "lanner.backends.remote:RemoteBackend",
 }
+PRELOADERS: dict[str, str] = {"llama.cpp": "lanner.backends.llamacpp_native:preload"}
+"""Backends that can read a model's weights on a background thread
+(``Engine.preload``): ``preload(path, options)`` with the backend's options."""
 _FORMATS = {"llama.cpp": {"gguf"}, "transformers": {"gguf", "safetensors"},
             "remote": {"remote"}}
 
@@ -109,28 +114,67 @@ class Engine:
         """A loaded model, reused if the same one was loaded before. With an
         ``adapter`` or ``quant`` option the default backend is transformers
         (GGUF included)."""
+        from lanner.engine.model import Model  # the chat template engine: not for preload
+
+        spec, backend_name, options, key = self._plan(name, backend, chat_format,
+                                                      backend_options)
+        if key not in self._models:
+            instance = open_backend(spec, backend_name, **options)
+            self._models[key] = Model(spec, instance, chat_format_override=chat_format)
+        return self._models[key]
+
+    def preload(
+        self,
+        name: str = DEFAULT_MODEL,
+        *,
+        backend: str | None = None,
+        chat_format: str | None = None,
+        **backend_options: Any,
+    ) -> None:
+        """Start reading the weights that ``load`` with the same arguments
+        will need, on a background thread, so that the caller's own start-up
+        work (imports, opening its log) runs meanwhile; ``load`` then waits for
+        them. Backends without a preloader (all but llama.cpp) read theirs in
+        ``load``. A name that does not resolve raises here, as ``load`` would;
+        errors from reading the file are raised by ``load``."""
+        spec, backend_name, options, key = self._plan(name, backend, chat_format,
+                                                      backend_options)
+        target = PRELOADERS.get(backend_name)
+        if key in self._models or target is None:
+            return
+        module_name, func_name = target.split(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            return  # load says which package is missing
+        getattr(module, func_name)(spec.path, options)
+
+    def _plan(self, name: str, backend: str | None, chat_format: str | None,
+              backend_options: dict[str, Any]
+              ) -> tuple[ModelSpec, str, dict[str, Any], tuple[object, ...]]:
+        """What ``load(name, ...)`` opens: the spec of the file that runs, the
+        backend's name and options, and the key the loaded model is kept under."""
         wants_hf = any(backend_options.get(k) is not None for k in ("adapter", "quant"))
         if backend is None and wants_hf and resolve(name, self.home).format != "remote":
             backend = "transformers"
         spec = prepare(resolve(name, self.home), backend, self.home)
+        backend_name = backend or spec.backend
         draft = backend_options.get("speculative")
         if isinstance(draft, str) and draft.startswith("draft:") and draft != "draft:":
             # The draft model by name, as the file llama.cpp will run.
             path = prepare(resolve(draft.removeprefix("draft:"), self.home), "llama.cpp",
                            self.home).path
             backend_options = {**backend_options, "speculative": f"draft:{path}"}
-        if (backend or spec.backend) == "transformers" and spec.format == "gguf":
+        if backend_name == "transformers" and spec.format == "gguf":
             # Conversions belong to this engine's home, not LANNER_HOME's.
-            backend_options.setdefault("cache_dir", self.home / "converted")
-        options = tuple(sorted(backend_options.items()))
-        key = (spec.path, backend or spec.backend, chat_format, options)
-        if key not in self._models:
-            instance = open_backend(spec, backend, **backend_options)
-            self._models[key] = Model(spec, instance, chat_format_override=chat_format)
-        return self._models[key]
+            backend_options = {"cache_dir": self.home / "converted", **backend_options}
+        key = (spec.path, backend_name, chat_format, tuple(sorted(backend_options.items())))
+        return spec, backend_name, backend_options, key
 
     def attach(self, name: str, backend: Backend, chat_format: str | None = None) -> Model:
         """Register an already-built backend (tests, the fake backend, remote engines)."""
+        from lanner.engine.model import Model
+
         spec = ModelSpec(name, Path(name), "fake", source=backend.name)
         model = Model(spec, backend, chat_format_override=chat_format)
         self._models[(name,)] = model

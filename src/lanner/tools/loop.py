@@ -20,7 +20,7 @@ the answer as the user-facing turn, each step as a sub-call (``parent_id``).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -107,7 +107,7 @@ class ToolLoop:
             raise InvalidRequest("messages", "the tool loop ended without a result")
         return self.result
 
-    def stream(self, messages: list[dict[str, Any]] | str) -> Iterator[LoopEvent]:
+    def stream(self, messages: list[dict[str, Any]] | str) -> Generator[LoopEvent, None, None]:
         """Content deltas of every step, each call and its result, then the
         final answer's Finish. ``self.result`` is set when the stream ends.
         Closed early (Ctrl-C), the calls made so far are still logged, the
