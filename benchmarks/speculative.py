@@ -29,9 +29,9 @@
     machine (how much a step of n tokens costs against one of 1).
   * 8 concurrent streams through `lanner serve --speculative off|ngram` (the
     same grounded and open-ended prompts) in paired rounds, one server up at
-    a time, each started afresh for its turn, which goes first alternating;
-    the median of the rounds' ratios. 6 rounds by default: rounds swing by up
-    to 2x on the shared VM.
+    a time, each started afresh for its turn (which goes first alternates)
+    and given 3 sets of 8 requests; the median of the rounds' ratios, 6
+    rounds by default. One set alone swung by up to 2x on the shared VM.
 
 Usage: python benchmarks/speculative.py [--target smollm2] [--draft MODEL] [--quick]
 `--target qwen2.5-coder-0.5b` needs `make qwen` (skipped with a message otherwise).
@@ -345,7 +345,9 @@ async def stream_one(session: aiohttp.ClientSession, url: str, model: str, text:
     return tokens
 
 
-async def concurrent(url: str, model: str, streams: int, n: int, serial: int) -> float:
+async def concurrent(url: str, model: str, streams: int, n: int, serial: int
+                     ) -> tuple[int, float]:
+    """``streams`` requests at once: their completion tokens and the seconds they took."""
     prompts = [*GROUNDED.values(), *OPEN.values()]
     timeout = aiohttp.ClientTimeout(total=1200)
     async with aiohttp.ClientSession(timeout=timeout,
@@ -354,22 +356,19 @@ async def concurrent(url: str, model: str, streams: int, n: int, serial: int) ->
         counts = await asyncio.gather(*(
             stream_one(session, url, model, f"#{serial}-{i}. {prompts[i % len(prompts)]}", n)
             for i in range(streams)))
-        TOKENS.setdefault(url, []).append(sum(counts))
-        return sum(counts) / (time.perf_counter() - start)
+        return sum(counts), time.perf_counter() - start
 
 
-TOKENS: dict[str, list[int]] = {}
-"""Completion tokens of each serving round, per server: greedy answers in a
-batch can part from run to run (a batch's rows round differently), so the two
-sides may not decode the same number of tokens."""
-
-
-def serving(target: str, streams: int, n: int, rounds: int) -> None:
+def serving(target: str, streams: int, n: int, rounds: int, batches: int) -> None:
     """Paired rounds, one server up at a time: each round starts the ``off``
     and the ``ngram`` server in turn (which first alternates), warms it with
     one short request, runs ``streams`` at once and stops it. With both up, the
-    one loaded first decoded slower (see ``single_stream``). The figure is the
-    median of the rounds' ratios, so a slow spell of the machine counts once."""
+    one loaded first decoded slower (see ``single_stream``). A turn is
+    ``batches`` such sets one after another (tokens over seconds, summed); a
+    set of 8 short answers lasts a few seconds, and alone swung by 2x. The
+    figure is the median of the rounds' ratios, so a slow spell of the
+    machine counts once. Greedy answers in a batch can part from run to run
+    (a batch's rows round differently), so the tokens per turn are shown."""
     got: dict[str, list[float]] = {"off": [], "ngram": []}
     tokens: dict[str, list[int]] = {"off": [], "ngram": []}
     metrics = []
@@ -382,8 +381,10 @@ def serving(target: str, streams: int, n: int, rounds: int) -> None:
             url = f"http://127.0.0.1:{port}"
             try:
                 asyncio.run(concurrent(url, target, 1, 8, 0))  # load the model
-                got[side].append(asyncio.run(concurrent(url, target, streams, n, 1000 + r)))
-                tokens[side].append(TOKENS[url][-1])
+                sets = [asyncio.run(concurrent(url, target, streams, n, 1000 * b + r))
+                        for b in range(1, batches + 1)]
+                tokens[side].append(sum(t for t, _ in sets))
+                got[side].append(tokens[side][-1] / sum(s for _, s in sets))
                 if side == "ngram":
                     metrics.append(httpx.get(url + "/metrics", timeout=10).text)
             finally:
@@ -391,7 +392,8 @@ def serving(target: str, streams: int, n: int, rounds: int) -> None:
                 proc.wait(timeout=30)
     ratios = [a / b for a, b in zip(got["ngram"], got["off"], strict=True)]
     off, spec = statistics.median(got["off"]), statistics.median(got["ngram"])
-    print(f"  {streams} streams through lanner serve, median of {rounds} paired rounds: "
+    print(f"  {streams} streams through lanner serve, median of {rounds} paired rounds "
+          f"of {batches} sets each: "
           f"ngram/off {statistics.median(ratios):.2f}x (off {off:.1f} tok/s, ngram "
           f"{spec:.1f} tok/s; rounds: {[round(x, 2) for x in ratios]}; "
           f"tokens per round: off {tokens['off']}, ngram {tokens['ngram']})")
@@ -442,6 +444,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=6)
     parser.add_argument("--streams", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--batches", type=int, default=3,
+                        help="sets of --streams requests in each server's turn of a round")
     parser.add_argument("--skip-serve", action="store_true")
     parser.add_argument("--skip-single", action="store_true",
                         help="only the concurrent streams through lanner serve")
@@ -454,14 +458,14 @@ def main() -> int:
     if args.save:
         SAVE.append(args.save)
     if args.quick:
-        args.tokens, args.repeats, args.rounds = 64, 1, 1
+        args.tokens, args.repeats, args.rounds, args.batches = 64, 1, 1, 1
     same: bool | None = True
     if not args.skip_single:
         same = single_streams(args)
         if same is None:
             return 0
     if not args.skip_serve:
-        serving(args.target, args.streams, args.tokens, args.rounds)
+        serving(args.target, args.streams, args.tokens, args.rounds, args.batches)
     return 0 if same else 1
 
 
