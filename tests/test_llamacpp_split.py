@@ -135,3 +135,46 @@ def test_every_context_decodes_on_one_thread(smollm2_gguf: Path, tinycoder_gguf:
         llama_cpp.llama_decode = real
     assert all(c.finish is not None for c in outs)
     assert len(seen) == 1 and threading.get_ident() not in seen
+
+
+def test_a_gap_left_by_a_finished_request_is_closed(smollm2_gguf: Path) -> None:
+    # Three streams take ids 0, 1 and 2; the middle one ends first. The last
+    # moves into its slot (llama.cpp copies its KV), so every step after still
+    # decodes one run of ids, and its text is what it says alone.
+    requests = [Request(p, max_tokens=n, temperature=0)
+                for p, n in zip(PROMPTS[:3], (24, 6, 24), strict=True)]
+    with LlamaCppBackend(smollm2_gguf, n_ctx=512, n_seq_max=4, kv="split") as backend:
+        alone = [collect(backend.stream(r)).text for r in requests]
+    batches: list[list[int]] = []
+    real = llama_cpp.llama_decode
+
+    def spy(ctx: Any, batch: Any) -> int:
+        batches.append(sorted({batch.seq_id[i][0] for i in range(batch.n_tokens)}))
+        return int(real(ctx, batch))
+
+    llama_cpp.llama_decode = spy
+    try:
+        with LlamaCppBackend(smollm2_gguf, n_ctx=512, n_seq_max=4, kv="split") as backend:
+            outs: list[str] = [""] * 3
+            started = [threading.Event() for _ in requests]
+
+            def run(i: int) -> None:
+                events = backend.stream(requests[i])
+                first = next(events)  # admitted: the next stream takes the next id
+                started[i].set()
+                outs[i] = collect(iter([first, *events])).text
+
+            threads = []
+            for i in range(3):
+                threads.append(threading.Thread(target=run, args=(i,)))
+                threads[-1].start()
+                assert started[i].wait(60)
+            for t in threads:
+                t.join(timeout=120)
+            moves = backend._sched.moves
+    finally:
+        llama_cpp.llama_decode = real
+    assert outs == alone
+    assert moves == 1, batches
+    assert [0, 1, 2] in batches and [0, 1] in batches
+    assert all(ids == list(range(ids[0], ids[-1] + 1)) for ids in batches), batches

@@ -14,6 +14,13 @@ decodes only the rest (at least two tokens: ``reuse_cap``). In a unified
 cache (all slots share ``n_ctx`` cells) idle caches are evicted, least
 recently used first, when the cells are needed;
 in a split cache each slot owns ``n_ctx`` cells and nothing is ever evicted.
+
+In a split cache llama.cpp decodes consecutive sequence ids in one pass over
+the weights, and each further run of busy ids costs another pass. Requests
+end in any order, so when one leaves a gap the busy sequence with the highest
+id moves into it (``_compact``: llama.cpp copies the sequence's KV buffer
+within the next ``llama_decode``). The slot it leaves keeps those cells as an
+idle prefix cache; the gap's own idle cache is overwritten.
 """
 
 from __future__ import annotations
@@ -117,6 +124,8 @@ class Scheduler:
         self.decode_calls = 0
         self.reused_tokens = 0
         """Prompt tokens not decoded again because a slot's cache held them."""
+        self.moves = 0
+        """Busy sequences moved to a lower id (split cache, ``_compact``)."""
         self._slot_of: dict[Job, Slot] = {}
         self._cv = threading.Condition()
         self._closing = False
@@ -181,6 +190,7 @@ class Scheduler:
             while True:
                 self._reap()
                 self._admit()
+                self._compact()
                 if self._closing:
                     return False
                 if self.active:
@@ -237,6 +247,33 @@ class Scheduler:
         slot.job = job
         self._slot_of[job] = slot
         self.active.append(job)
+
+    def _compact(self) -> None:
+        """Split cache: close the gaps between busy sequence ids.
+
+        Measured on smollm2 BF16, 2 threads: a step of 5 streams in 3 runs
+        took 40 ms against 17-20 ms in one run, and a move (a copy of the
+        sequence's whole KV buffer, 180 MB at 8,192 cells) about as much
+        as one step."""
+        if not self.split:
+            return
+        while True:
+            ids = [s.seq_id for s in self.slots if s.job is not None]
+            if not ids or ids[-1] - ids[0] + 1 == len(ids):
+                return
+            gap = next(s for s in self.slots[ids[0]:ids[-1]] if s.job is None)
+            self._move(self.slots[ids[-1]], gap)
+
+    def _move(self, src: Slot, dst: Slot) -> None:
+        job = src.job
+        assert job is not None and dst.job is None
+        # Only whole sequences copy across streams; the copy waits for the next decode.
+        llama_cpp.llama_memory_seq_cp(self.mem, src.seq_id, dst.seq_id, -1, -1)
+        dst.tokens = list(src.tokens)
+        dst.job, src.job = job, None
+        src.last_used = time.monotonic()
+        self._slot_of[job] = dst
+        self.moves += 1
 
     def _unreserved_cells(self) -> int:
         """Cells neither held by active sequences nor promised to their prompts."""
