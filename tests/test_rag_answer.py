@@ -133,8 +133,9 @@ def test_marked_text_shows_unverified_citations_and_lists_uncited_claims() -> No
 
 
 @pytest.fixture(scope="module")
-def embedder() -> LocalEmbedder:
-    return LocalEmbedder()
+def embedder(tmp_path_factory: pytest.TempPathFactory) -> LocalEmbedder:
+    # Not in the first test's home (gone once that test passes); the exact runtime.
+    return LocalEmbedder(runtime="torch", home=tmp_path_factory.mktemp("embedder-home"))
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

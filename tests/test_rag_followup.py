@@ -51,8 +51,9 @@ def write_docs(folder: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def embedder() -> LocalEmbedder:
-    return LocalEmbedder()
+def embedder(tmp_path_factory: pytest.TempPathFactory) -> LocalEmbedder:
+    # Not in the first test's home (gone once that test passes); the exact runtime.
+    return LocalEmbedder(runtime="torch", home=tmp_path_factory.mktemp("embedder-home"))
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

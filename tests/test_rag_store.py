@@ -144,8 +144,10 @@ CHUNKING: dict[str, Any] = {"max_chars": 160, "overlap": 60}
 
 
 @pytest.fixture(scope="session")
-def embedder() -> LocalEmbedder:
-    return LocalEmbedder()
+def embedder(tmp_path_factory: pytest.TempPathFactory) -> LocalEmbedder:
+    # Session-wide, so not in the first test's home (gone once that test passes),
+    # and the exact runtime, as conftest gives every test.
+    return LocalEmbedder(runtime="torch", home=tmp_path_factory.mktemp("embedder-home"))
 
 
 @pytest.fixture(scope="session")
